@@ -1,0 +1,1 @@
+//! Pure deletion lifecycle: stage dates and the stage machine.

@@ -1,0 +1,4 @@
+//! Edges: the only code that talks to QEMU, Ceph, systemd and the notification hook.
+
+pub mod qmp;
+pub mod rbd;

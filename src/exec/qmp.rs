@@ -1,0 +1,1 @@
+//! QMP client: one connection to one QEMU monitor socket.

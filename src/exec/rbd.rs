@@ -1,0 +1,1 @@
+//! Safe wrapper over librados/librbd: the only code that calls into Ceph.

@@ -1,0 +1,16 @@
+//! vmkeeper: a per-host supervisor that runs declared VMs as QEMU units under systemd, with
+//! disks in Ceph RBD, maintenance reboots in announced windows and staged deletion.
+//!
+//! The decision-making core (`config`, `model`, `maintenance`, `deletion`, `plan`) is pure:
+//! no clock, no I/O, no async. Everything that touches the world lives in `exec` and is
+//! driven by the daemon.
+
+pub mod cli;
+pub mod config;
+pub mod deletion;
+pub mod exec;
+pub mod maintenance;
+pub mod model;
+pub mod plan;
+pub mod state;
+pub mod timefmt;

@@ -1,0 +1,1 @@
+//! Pure maintenance-window arithmetic in a time zone (DST-correct) and slot picking.

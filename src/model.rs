@@ -1,0 +1,1 @@
+//! Plain domain types shared by the core and the edges.

@@ -1,0 +1,1 @@
+//! Pure planning: (config, observed world, persisted state, now) -> plan.

@@ -1,0 +1,1 @@
+//! Persisted state: versioned JSON, atomic replace with fsync, intents written first.
