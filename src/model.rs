@@ -1,1 +1,197 @@
 //! Plain domain types shared by the core and the edges.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest VM name: names become unit names, image names and DNS labels.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// A VM's name: 1–63 characters of `a-z`, `0-9` and `-`, starting with a letter.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct VmName(String);
+
+/// Why a string is not a valid VM name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VmNameError {
+    /// Empty or longer than [`MAX_NAME_LEN`].
+    #[error("must be 1..={MAX_NAME_LEN} characters long, got {0}")]
+    Length(usize),
+    /// The first character is not a lowercase ASCII letter.
+    #[error("must start with a letter a-z")]
+    Start,
+    /// A character outside `a-z`, `0-9` and `-`.
+    #[error("may only contain a-z, 0-9 and '-', found {0:?}")]
+    Char(char),
+}
+
+impl VmName {
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for VmName {
+    type Err = VmNameError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let len = s.chars().count();
+        if len == 0 || len > MAX_NAME_LEN {
+            return Err(VmNameError::Length(len));
+        }
+        if !s.starts_with(|c: char| c.is_ascii_lowercase()) {
+            return Err(VmNameError::Start);
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+        {
+            return Err(VmNameError::Char(c));
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for VmName {
+    type Error = VmNameError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<VmName> for String {
+    fn from(n: VmName) -> String {
+        n.0
+    }
+}
+
+impl fmt::Display for VmName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The resources a VM runs with. Disk in GiB, memory in MiB, as in the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Resources {
+    /// vCPUs.
+    pub cores: u32,
+    /// RAM in MiB.
+    pub memory_mib: u64,
+    /// Disk size in GiB.
+    pub disk_gib: u64,
+}
+
+impl Resources {
+    /// Whether applying `other` needs a cold reboot (CPU or RAM differ).
+    pub fn needs_reboot_for(&self, other: &Resources) -> bool {
+        self.cores != other.cores || self.memory_mib != other.memory_mib
+    }
+}
+
+/// Bytes in one GiB.
+pub const GIB: u64 = 1 << 30;
+
+/// A base image snapshot a new disk is cloned from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BaseImage {
+    /// Pool of the base image; the VM's pool when absent.
+    pub pool: Option<String>,
+    /// Image name.
+    pub name: String,
+    /// Protected snapshot to clone from.
+    pub snapshot: String,
+}
+
+/// One virtio-net NIC on a host bridge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Network {
+    /// Host bridge the tap device joins.
+    pub bridge: String,
+    /// The NIC's MAC address, `xx:xx:xx:xx:xx:xx`.
+    pub mac_address: String,
+}
+
+/// Direct kernel boot instead of booting from the disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectBoot {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub append: Option<String>,
+}
+
+/// One declared VM, validated against the platform rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    /// The VM's name.
+    pub name: VmName,
+    /// Declared resources.
+    pub resources: Resources,
+    /// Operator-set memory ceiling in MiB.
+    pub memory_limit_mib: u64,
+    /// Operator acknowledged a disk of 10 TiB or more.
+    pub allow_huge_disk: bool,
+    /// Whether the VM should run.
+    pub online: bool,
+    /// Local date on which the VM is deleted.
+    pub delete_at: Option<chrono::NaiveDate>,
+    /// Addresses the VM owns.
+    pub ip_addresses: Vec<IpAddr>,
+    /// Base image to clone the disk from.
+    pub image: Option<BaseImage>,
+    /// Network attachment.
+    pub network: Option<Network>,
+    /// Direct kernel boot.
+    pub boot: Option<DirectBoot>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_dns_label_rule() {
+        assert!("web01".parse::<VmName>().is_ok());
+        assert!("a".parse::<VmName>().is_ok());
+        assert!("a-b-9".parse::<VmName>().is_ok());
+        assert_eq!("".parse::<VmName>(), Err(VmNameError::Length(0)));
+        assert_eq!("1web".parse::<VmName>(), Err(VmNameError::Start));
+        assert_eq!("-web".parse::<VmName>(), Err(VmNameError::Start));
+        assert_eq!("Web".parse::<VmName>(), Err(VmNameError::Start));
+        assert_eq!("web_1".parse::<VmName>(), Err(VmNameError::Char('_')));
+        assert_eq!("wéb".parse::<VmName>(), Err(VmNameError::Char('é')));
+        assert!("a".repeat(63).parse::<VmName>().is_ok());
+        assert_eq!(
+            "a".repeat(64).parse::<VmName>(),
+            Err(VmNameError::Length(64))
+        );
+    }
+
+    #[test]
+    fn only_cpu_and_memory_need_a_reboot() {
+        let a = Resources {
+            cores: 2,
+            memory_mib: 2048,
+            disk_gib: 30,
+        };
+        assert!(!a.needs_reboot_for(&Resources { disk_gib: 40, ..a }));
+        assert!(a.needs_reboot_for(&Resources { cores: 3, ..a }));
+        assert!(a.needs_reboot_for(&Resources {
+            memory_mib: 4096,
+            ..a
+        }));
+    }
+}

@@ -1,1 +1,166 @@
-//! Configuration: the raw serde mirror of the JSON file and its validation into `Config`.
+//! Configuration: the raw serde mirror of the JSON file (`file`) and its validation
+//! (`validate`) into a `Config` whose values obey the platform rules.
+
+mod file;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use chrono::TimeDelta;
+use chrono_tz::Tz;
+
+use crate::maintenance::Policy;
+use crate::model::{VmName, VmSpec};
+
+pub use validate::{DEFAULT_MEMORY_LIMIT_MIB, HUGE_DISK_GIB};
+pub use validate::{MAX_CORES, MAX_DISK_GIB, MAX_MEMORY_MIB, MIN_DISK_GIB, MIN_MEMORY_MIB};
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Zone of windows, blackouts and deletion dates.
+    pub timezone: Tz,
+    /// The maintenance policy.
+    pub maintenance: Policy,
+    /// Technical contacts.
+    pub contacts: Vec<String>,
+    /// Hook run with a JSON event on stdin.
+    pub notify_command: Option<PathBuf>,
+    /// Group whose members may run mutating commands.
+    pub authorized_group: String,
+    /// Where `state.json` lives.
+    pub state_dir: PathBuf,
+    /// QMP sockets, API socket, serial logs.
+    pub runtime_dir: PathBuf,
+    /// Where the disks live.
+    pub ceph: CephConfig,
+    /// How VMs are run.
+    pub qemu: QemuConfig,
+    /// Declared VMs.
+    pub vms: BTreeMap<VmName, VmSpec>,
+}
+
+/// Ceph connection and pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CephConfig {
+    /// ceph.conf path.
+    pub conf: PathBuf,
+    /// Client id without the `client.` prefix.
+    pub client_id: String,
+    /// Keyring path, when not found through `conf`.
+    pub keyring: Option<PathBuf>,
+    /// Pool of the VM disks.
+    pub pool: String,
+}
+
+/// QEMU accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation.
+    Kvm,
+    /// Software emulation, for hosts whose KVM is unusable.
+    Tcg,
+}
+
+impl Accel {
+    /// The name QEMU's `-accel` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// How QEMU is run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuConfig {
+    /// QEMU system emulator binary.
+    pub binary: PathBuf,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Machine type.
+    pub machine: String,
+    /// Grace time for a guest to power off before harder means.
+    pub stop_timeout: TimeDelta,
+    /// Extra arguments for every VM.
+    pub extra_args: Vec<String>,
+}
+
+/// One thing wrong with a configuration, or worth a warning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted path of the field, e.g. `vms.web01.cores`; empty for the document itself.
+    pub path: String,
+    /// The rule that was broken.
+    pub message: String,
+}
+
+impl Problem {
+    pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Problem {
+        Problem {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// A configuration that validated, with its warnings.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// The configuration.
+    pub config: Config,
+    /// Things allowed but worth saying, e.g. a huge disk.
+    pub warnings: Vec<Problem>,
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file was read but breaks rules; every problem is listed.
+    #[error("{} has {} problem(s)", path.display(), problems.len())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Every problem, one per broken rule.
+        problems: Vec<Problem>,
+    },
+}
+
+/// Validates a configuration document.
+pub fn parse(text: &str) -> Result<Checked, Vec<Problem>> {
+    validate::parse(text)
+}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Checked, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text).map_err(|problems| LoadError::Invalid {
+        path: path.to_owned(),
+        problems,
+    })
+}

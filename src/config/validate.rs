@@ -1,0 +1,745 @@
+//! Validation of the raw mirror into a `Config`: every platform rule, every problem collected.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use chrono::{TimeDelta, Weekday};
+use chrono_tz::Tz;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::file::*;
+use super::{Accel, CephConfig, Checked, Config, Problem, QemuConfig};
+use crate::localtime::{format_duration, parse_date, parse_duration, parse_hhmm};
+use crate::maintenance::{Blackout, Policy, WeekdaySet, WindowRule};
+use crate::model::{BaseImage, DirectBoot, Network, Resources, VmName, VmSpec};
+
+/// Most vCPUs a VM may have.
+pub const MAX_CORES: i64 = 12;
+/// Least RAM a VM may have, in MiB.
+pub const MIN_MEMORY_MIB: i64 = 1024;
+/// Most RAM any VM may have, in MiB (128 GiB).
+pub const MAX_MEMORY_MIB: i64 = 131_072;
+/// The customer-facing RAM limit, in MiB (64 GiB); operators may raise it per VM.
+pub const DEFAULT_MEMORY_LIMIT_MIB: i64 = 65_536;
+/// Smallest disk, in GiB.
+pub const MIN_DISK_GIB: i64 = 30;
+/// Disks this large (10 TiB) need the operator's acknowledgement.
+pub const HUGE_DISK_GIB: i64 = 10_240;
+/// Largest disk, in GiB (1 PiB): far beyond any sane block device, and keeps byte sizes in u64.
+pub const MAX_DISK_GIB: i64 = 1 << 20;
+
+struct Validator {
+    problems: Vec<Problem>,
+    warnings: Vec<Problem>,
+}
+
+impl Validator {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem::new(path, message));
+    }
+
+    /// Deserializes one section, reporting a type error with its full path.
+    fn section<T: DeserializeOwned + Default>(
+        &mut self,
+        path: &str,
+        v: Option<Value>,
+    ) -> Option<T> {
+        let v = match v {
+            None | Some(Value::Null) => return Some(T::default()),
+            Some(v) => v,
+        };
+        match serde_path_to_error::deserialize::<_, T>(v) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let full = if inner == "." {
+                    path.to_owned()
+                } else {
+                    format!("{path}.{inner}")
+                };
+                self.err(full, e.into_inner().to_string());
+                None
+            }
+        }
+    }
+
+    fn unknown(&mut self, path: &str, unknown: &Unknown, known: &[&str]) {
+        for key in unknown.keys() {
+            let full = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            let msg = match closest(key, known) {
+                Some(k) => format!("unknown key (did you mean `{k}`?)"),
+                None => format!("unknown key (known keys: {})", known.join(", ")),
+            };
+            self.err(full, msg);
+        }
+    }
+
+    fn string_or(&mut self, path: &str, v: Option<Value>, default: &str) -> String {
+        self.section::<Option<String>>(path, v)
+            .flatten()
+            .unwrap_or_else(|| default.to_owned())
+    }
+
+    fn abs_path(&mut self, path: &str, s: &str) -> PathBuf {
+        if !s.starts_with('/') {
+            self.err(path, format!("{s:?} must be an absolute path"));
+        }
+        PathBuf::from(s)
+    }
+
+    fn duration(
+        &mut self,
+        path: &str,
+        s: Option<&str>,
+        default: &str,
+        min: TimeDelta,
+    ) -> TimeDelta {
+        let s = s.unwrap_or(default);
+        match parse_duration(s) {
+            Ok(d) if d < min => {
+                self.err(
+                    path,
+                    format!(
+                        "{s} is shorter than the minimum of {}",
+                        format_duration(min)
+                    ),
+                );
+                d
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.err(path, e);
+                TimeDelta::zero()
+            }
+        }
+    }
+
+    fn range(&mut self, path: &str, v: i64, lo: i64, hi: i64) -> bool {
+        if (lo..=hi).contains(&v) {
+            true
+        } else {
+            self.err(path, format!("{v} is outside {lo}..={hi}"));
+            false
+        }
+    }
+}
+
+/// Parses and validates a configuration document.
+pub fn parse(text: &str) -> Result<Checked, Vec<Problem>> {
+    let doc: Value = serde_json::from_str(text).map_err(|e| {
+        vec![Problem::new(
+            "",
+            format!(
+                "malformed JSON at line {}, column {}: {}",
+                e.line(),
+                e.column(),
+                strip_position(&e)
+            ),
+        )]
+    })?;
+    let mut v = Validator {
+        problems: vec![],
+        warnings: vec![],
+    };
+    if !doc.is_object() {
+        v.err("", "the configuration must be a JSON object");
+        return Err(v.problems);
+    }
+    let raw: RawConfig = v.section("", Some(doc)).unwrap_or_default();
+    v.unknown("", &raw.unknown, CONFIG_KEYS);
+
+    let tz_name = v.string_or("timezone", raw.timezone, "Europe/Berlin");
+    let timezone = Tz::from_str(&tz_name).unwrap_or_else(|_| {
+        v.err(
+            "timezone",
+            format!("{tz_name:?} is not a known IANA time zone"),
+        );
+        chrono_tz::UTC
+    });
+    let maintenance = maintenance(&mut v, raw.maintenance, timezone);
+    let contacts = v
+        .section::<Option<Vec<String>>>("contacts", raw.contacts)
+        .flatten()
+        .unwrap_or_default();
+    for (i, c) in contacts.iter().enumerate() {
+        let ok = c
+            .split_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.'))
+            && !c.chars().any(|ch| ch.is_whitespace() || ch.is_control());
+        if !ok {
+            v.err(
+                format!("contacts[{i}]"),
+                format!("{c:?} is not an e-mail address"),
+            );
+        }
+    }
+    let notify_command = v
+        .section::<Option<String>>("notifyCommand", raw.notify_command)
+        .flatten()
+        .map(|s| v.abs_path("notifyCommand", &s));
+    let authorized_group = v.string_or("authorizedGroup", raw.authorized_group, "sudo-srv");
+    if !is_group_name(&authorized_group) {
+        v.err(
+            "authorizedGroup",
+            format!("{authorized_group:?} is not a group name (a-z, 0-9, '_', '-', at most 32, starting with a letter or '_')"),
+        );
+    }
+    let state_dir = v.string_or("stateDir", raw.state_dir, "/var/lib/vmkeeper");
+    let state_dir = v.abs_path("stateDir", &state_dir);
+    let runtime_dir = v.string_or("runtimeDir", raw.runtime_dir, "/run/vmkeeper");
+    let runtime_dir = v.abs_path("runtimeDir", &runtime_dir);
+    let ceph = ceph(&mut v, raw.ceph);
+    let qemu = qemu(&mut v, raw.qemu);
+
+    let mut vms = BTreeMap::new();
+    for (name, raw_vm) in raw.vms.unwrap_or_default() {
+        let path = format!("vms.{name}");
+        let vm_name = match name.parse::<VmName>() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                v.err(&path, format!("name {e}"));
+                None
+            }
+        };
+        let spec = v
+            .section::<RawVm>(&path, Some(raw_vm))
+            .and_then(|r| vm(&mut v, &path, r));
+        if let (Some(n), Some(mut s)) = (vm_name, spec) {
+            s.name = n.clone();
+            vms.insert(n, s);
+        }
+    }
+    unique_addresses(&mut v, &vms);
+
+    if !v.problems.is_empty() {
+        return Err(v.problems);
+    }
+    let config = Config {
+        timezone,
+        maintenance: maintenance.expect("a maintenance policy without problems"),
+        contacts,
+        notify_command,
+        authorized_group,
+        state_dir,
+        runtime_dir,
+        ceph,
+        qemu,
+        vms,
+    };
+    Ok(Checked {
+        config,
+        warnings: v.warnings,
+    })
+}
+
+fn maintenance(v: &mut Validator, raw: Option<Value>, tz: Tz) -> Option<Policy> {
+    let before = v.problems.len();
+    let raw: RawMaintenance = v.section("maintenance", raw)?;
+    v.unknown("maintenance", &raw.unknown, MAINTENANCE_KEYS);
+    let rule = match raw.schedule {
+        Some(s) => {
+            if raw.window.is_some() {
+                v.err(
+                    "maintenance.window",
+                    "cannot be combined with maintenance.schedule; use one",
+                );
+            }
+            if raw.weekdays.is_some() {
+                v.err("maintenance.weekdays", "cannot be combined with maintenance.schedule; put the days into the cron expression");
+            }
+            v.unknown("maintenance.schedule", &s.unknown, SCHEDULE_KEYS);
+            let schedule = match s.cron.as_deref().map(cron::Schedule::from_str) {
+                Some(Ok(c)) => Some(c),
+                Some(Err(e)) => {
+                    v.err(
+                        "maintenance.schedule.cron",
+                        format!("not a cron expression: {e}"),
+                    );
+                    None
+                }
+                None => {
+                    v.err(
+                        "maintenance.schedule.cron",
+                        "is required (e.g. \"0 0 22 1-7 * Sun\")",
+                    );
+                    None
+                }
+            };
+            let length = match s.length.as_deref() {
+                Some(l) => v.duration(
+                    "maintenance.schedule.length",
+                    Some(l),
+                    "",
+                    TimeDelta::minutes(1),
+                ),
+                None => {
+                    v.err("maintenance.schedule.length", "is required (e.g. \"6h\")");
+                    TimeDelta::zero()
+                }
+            };
+            schedule.map(|c| WindowRule::Cron {
+                schedule: Box::new(c),
+                length,
+            })
+        }
+        None => {
+            let window = raw.window.as_deref().unwrap_or("22:00-05:00");
+            let parsed = window
+                .split_once('-')
+                .map(|(a, b)| (parse_hhmm(a), parse_hhmm(b)));
+            let times = match parsed {
+                Some((Ok(s), Ok(e))) if s == e => {
+                    v.err(
+                        "maintenance.window",
+                        format!("{window:?} has no length: start and end are equal"),
+                    );
+                    None
+                }
+                Some((Ok(s), Ok(e))) => Some((s, e)),
+                Some((Err(e), _)) | Some((_, Err(e))) => {
+                    v.err("maintenance.window", format!("{e}; write \"HH:MM-HH:MM\""));
+                    None
+                }
+                None => {
+                    v.err(
+                        "maintenance.window",
+                        format!("{window:?} is not of the form \"HH:MM-HH:MM\""),
+                    );
+                    None
+                }
+            };
+            let weekdays = match &raw.weekdays {
+                None => WeekdaySet::ALL,
+                Some(days) => {
+                    let mut parsed = vec![];
+                    for (i, d) in days.iter().enumerate() {
+                        match weekday(d) {
+                            Some(w) => parsed.push(w),
+                            None => v.err(
+                                format!("maintenance.weekdays[{i}]"),
+                                format!("{d:?} is not one of mon, tue, wed, thu, fri, sat, sun"),
+                            ),
+                        }
+                    }
+                    if days.is_empty() {
+                        v.err("maintenance.weekdays", "must name at least one day");
+                    }
+                    WeekdaySet::of(&parsed)
+                }
+            };
+            times.map(|(start, end)| WindowRule::Daily {
+                start,
+                end,
+                weekdays,
+            })
+        }
+    };
+    let announce_ahead = v.duration(
+        "maintenance.announceAhead",
+        raw.announce_ahead.as_deref(),
+        "24h",
+        TimeDelta::zero(),
+    );
+    let max_parallel = raw.max_parallel.unwrap_or(1);
+    v.range("maintenance.maxParallel", max_parallel, 1, 1000);
+    let expected_duration = v.duration(
+        "maintenance.expectedDuration",
+        raw.expected_duration.as_deref(),
+        "15m",
+        TimeDelta::minutes(1),
+    );
+    if let Some(rule) = &rule {
+        let nominal = match rule {
+            WindowRule::Daily { start, end, .. } => {
+                let d = *end - *start;
+                if d <= TimeDelta::zero() {
+                    d + TimeDelta::days(1)
+                } else {
+                    d
+                }
+            }
+            WindowRule::Cron { length, .. } => *length,
+        };
+        if expected_duration > nominal {
+            v.err(
+                "maintenance.expectedDuration",
+                format!(
+                    "{} does not fit into a window of {}",
+                    format_duration(expected_duration),
+                    format_duration(nominal)
+                ),
+            );
+        }
+    }
+    let mut blackouts = vec![];
+    for (i, b) in raw.blackouts.unwrap_or_default().into_iter().enumerate() {
+        let path = format!("maintenance.blackouts[{i}]");
+        v.unknown(&path, &b.unknown, BLACKOUT_KEYS);
+        let mut date = |key: &str, s: Option<String>| match s.as_deref().map(parse_date) {
+            Some(Ok(d)) => Some(d),
+            Some(Err(e)) => {
+                v.err(format!("{path}.{key}"), e);
+                None
+            }
+            None => {
+                v.err(format!("{path}.{key}"), "is required (a date YYYY-MM-DD)");
+                None
+            }
+        };
+        let (from, to) = (date("from", b.from), date("to", b.to));
+        if let (Some(from), Some(to)) = (from, to) {
+            if to < from {
+                v.err(
+                    format!("{path}.to"),
+                    format!("{to} is before from ({from})"),
+                );
+            }
+            blackouts.push(Blackout {
+                from,
+                to,
+                reason: b.reason.unwrap_or_default(),
+            });
+        }
+    }
+    if v.problems.len() > before {
+        return None;
+    }
+    Some(Policy {
+        tz,
+        rule: rule?,
+        announce_ahead,
+        max_parallel: u32::try_from(max_parallel).ok()?,
+        expected_duration,
+        blackouts,
+    })
+}
+
+fn ceph(v: &mut Validator, raw: Option<Value>) -> CephConfig {
+    let raw: RawCeph = v.section("ceph", raw).unwrap_or_default();
+    v.unknown("ceph", &raw.unknown, CEPH_KEYS);
+    let conf = v.abs_path(
+        "ceph.conf",
+        raw.conf.as_deref().unwrap_or("/etc/ceph/ceph.conf"),
+    );
+    let keyring = raw.keyring.map(|k| v.abs_path("ceph.keyring", &k));
+    let client_id = raw.client_id.unwrap_or_else(|| "admin".to_owned());
+    if client_id.is_empty() || client_id.starts_with("client.") {
+        v.err(
+            "ceph.clientId",
+            format!("{client_id:?} must be a client id without the \"client.\" prefix"),
+        );
+    }
+    let pool = raw.pool.unwrap_or_else(|| "rbd".to_owned());
+    if pool.is_empty() || pool.contains(['/', '@']) {
+        v.err("ceph.pool", format!("{pool:?} is not a pool name"));
+    }
+    CephConfig {
+        conf,
+        client_id,
+        keyring,
+        pool,
+    }
+}
+
+fn qemu(v: &mut Validator, raw: Option<Value>) -> QemuConfig {
+    let raw: RawQemu = v.section("qemu", raw).unwrap_or_default();
+    v.unknown("qemu", &raw.unknown, QEMU_KEYS);
+    let accel = match raw.accel.as_deref().unwrap_or("kvm") {
+        "kvm" => Accel::Kvm,
+        "tcg" => Accel::Tcg,
+        other => {
+            v.err("qemu.accel", format!("{other:?} is not one of kvm, tcg"));
+            Accel::Kvm
+        }
+    };
+    let binary = raw
+        .binary
+        .unwrap_or_else(|| "qemu-system-x86_64".to_owned());
+    if binary.is_empty() {
+        v.err("qemu.binary", "must not be empty");
+    }
+    QemuConfig {
+        binary: PathBuf::from(binary),
+        accel,
+        machine: raw.machine.unwrap_or_else(|| "q35".to_owned()),
+        stop_timeout: v.duration(
+            "qemu.stopTimeout",
+            raw.stop_timeout.as_deref(),
+            "60s",
+            TimeDelta::seconds(1),
+        ),
+        extra_args: raw.extra_args.unwrap_or_default(),
+    }
+}
+
+fn vm(v: &mut Validator, path: &str, raw: RawVm) -> Option<VmSpec> {
+    let before = v.problems.len();
+    v.unknown(path, &raw.unknown, VM_KEYS);
+    let required = |v: &mut Validator, key: &str, x: Option<i64>| {
+        if x.is_none() {
+            v.err(format!("{path}.{key}"), "is required");
+        }
+        x.unwrap_or_default()
+    };
+    let cores = required(v, "cores", raw.cores);
+    let memory = required(v, "memoryMiB", raw.memory_mib);
+    let disk = required(v, "diskGiB", raw.disk_gib);
+    if raw.cores.is_some() {
+        v.range(&format!("{path}.cores"), cores, 1, MAX_CORES);
+    }
+    let limit = raw.memory_limit_mib.unwrap_or(DEFAULT_MEMORY_LIMIT_MIB);
+    let limit_ok = v.range(
+        &format!("{path}.memoryLimitMiB"),
+        limit,
+        DEFAULT_MEMORY_LIMIT_MIB,
+        MAX_MEMORY_MIB,
+    );
+    if raw.memory_mib.is_some()
+        && v.range(
+            &format!("{path}.memoryMiB"),
+            memory,
+            MIN_MEMORY_MIB,
+            MAX_MEMORY_MIB,
+        )
+        && limit_ok
+        && memory > limit
+    {
+        v.err(
+            format!("{path}.memoryMiB"),
+            format!(
+                "{memory} is above this VM's limit of {limit} MiB ({} GiB); only an operator can raise memoryLimitMiB (up to {MAX_MEMORY_MIB})",
+                limit / 1024
+            ),
+        );
+    }
+    let allow_huge_disk = raw.allow_huge_disk.unwrap_or(false);
+    if raw.disk_gib.is_some()
+        && v.range(&format!("{path}.diskGiB"), disk, MIN_DISK_GIB, MAX_DISK_GIB)
+        && disk >= HUGE_DISK_GIB
+    {
+        if allow_huge_disk {
+            v.warnings.push(Problem::new(
+                format!("{path}.diskGiB"),
+                format!("{disk} GiB is 10 TiB or more: object storage is recommended for data of this size"),
+            ));
+        } else {
+            v.err(
+                format!("{path}.diskGiB"),
+                format!("{disk} GiB is 10 TiB or more and needs allowHugeDisk = true from an operator (object storage is recommended instead)"),
+            );
+        }
+    }
+    let delete_at = raw.delete_at.as_deref().and_then(|s| match parse_date(s) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            v.err(format!("{path}.deleteAt"), e);
+            None
+        }
+    });
+    let mut ip_addresses: Vec<IpAddr> = vec![];
+    for (i, a) in raw.ip_addresses.unwrap_or_default().iter().enumerate() {
+        match a.parse::<IpAddr>() {
+            Ok(ip) if ip_addresses.contains(&ip) => v.err(
+                format!("{path}.ipAddresses[{i}]"),
+                format!("{ip} is listed twice"),
+            ),
+            Ok(ip) => ip_addresses.push(ip),
+            Err(_) => v.err(
+                format!("{path}.ipAddresses[{i}]"),
+                format!("{a:?} is not an IP address"),
+            ),
+        }
+    }
+    let image = raw.image.and_then(|img| {
+        let p = format!("{path}.image");
+        v.unknown(&p, &img.unknown, IMAGE_KEYS);
+        let name = nonempty(v, &format!("{p}.name"), img.name);
+        let snapshot = nonempty(v, &format!("{p}.snapshot"), img.snapshot);
+        Some(BaseImage {
+            pool: img.pool,
+            name: name?,
+            snapshot: snapshot?,
+        })
+    });
+    let network = raw.network.and_then(|n| {
+        let p = format!("{path}.network");
+        v.unknown(&p, &n.unknown, NETWORK_KEYS);
+        let bridge = nonempty(v, &format!("{p}.bridge"), n.bridge);
+        if let Some(b) = &bridge
+            && (b.len() > 15 || b.contains(['/', ' ']))
+        {
+            v.err(
+                format!("{p}.bridge"),
+                format!("{b:?} is not an interface name (at most 15 characters)"),
+            );
+        }
+        let mac = nonempty(v, &format!("{p}.macAddress"), n.mac_address);
+        if let Some(m) = &mac
+            && !is_unicast_mac(m)
+        {
+            v.err(
+                format!("{p}.macAddress"),
+                format!("{m:?} is not a unicast MAC address xx:xx:xx:xx:xx:xx"),
+            );
+        }
+        Some(Network {
+            bridge: bridge?,
+            mac_address: mac?.to_ascii_lowercase(),
+        })
+    });
+    let boot = raw.boot.and_then(|b| {
+        let p = format!("{path}.boot");
+        v.unknown(&p, &b.unknown, BOOT_KEYS);
+        let kernel = nonempty(v, &format!("{p}.kernel"), b.kernel)
+            .map(|k| v.abs_path(&format!("{p}.kernel"), &k));
+        let initrd = b.initrd.map(|i| v.abs_path(&format!("{p}.initrd"), &i));
+        Some(DirectBoot {
+            kernel: kernel?,
+            initrd,
+            append: b.append,
+        })
+    });
+    if v.problems.len() > before {
+        return None;
+    }
+    Some(VmSpec {
+        name: "placeholder".parse().ok()?,
+        resources: Resources {
+            cores: u32::try_from(cores).ok()?,
+            memory_mib: u64::try_from(memory).ok()?,
+            disk_gib: u64::try_from(disk).ok()?,
+        },
+        memory_limit_mib: u64::try_from(limit).ok()?,
+        allow_huge_disk,
+        online: raw.online.unwrap_or(true),
+        delete_at,
+        ip_addresses,
+        image,
+        network,
+        boot,
+    })
+}
+
+fn unique_addresses(v: &mut Validator, vms: &BTreeMap<VmName, VmSpec>) {
+    let mut owner: BTreeMap<IpAddr, &VmName> = BTreeMap::new();
+    let mut macs: BTreeMap<&str, &VmName> = BTreeMap::new();
+    for (name, spec) in vms {
+        for ip in &spec.ip_addresses {
+            match owner.get(ip) {
+                Some(first) => v.err(
+                    format!("vms.{name}.ipAddresses"),
+                    format!("{ip} is also assigned to {first}; addresses must be unique"),
+                ),
+                None => {
+                    owner.insert(*ip, name);
+                }
+            }
+        }
+        if let Some(n) = &spec.network {
+            match macs.get(n.mac_address.as_str()) {
+                Some(first) => v.err(
+                    format!("vms.{name}.network.macAddress"),
+                    format!(
+                        "{} is also used by {first}; MAC addresses must be unique",
+                        n.mac_address
+                    ),
+                ),
+                None => {
+                    macs.insert(&n.mac_address, name);
+                }
+            }
+        }
+    }
+}
+
+fn nonempty(v: &mut Validator, path: &str, s: Option<String>) -> Option<String> {
+    match s {
+        Some(s) if !s.is_empty() => Some(s),
+        Some(_) => {
+            v.err(path, "must not be empty");
+            None
+        }
+        None => {
+            v.err(path, "is required");
+            None
+        }
+    }
+}
+
+fn weekday(s: &str) -> Option<Weekday> {
+    Some(match s {
+        "mon" => Weekday::Mon,
+        "tue" => Weekday::Tue,
+        "wed" => Weekday::Wed,
+        "thu" => Weekday::Thu,
+        "fri" => Weekday::Fri,
+        "sat" => Weekday::Sat,
+        "sun" => Weekday::Sun,
+        _ => return None,
+    })
+}
+
+fn is_group_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+fn is_unicast_mac(s: &str) -> bool {
+    let octets: Vec<&str> = s.split(':').collect();
+    octets.len() == 6
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()))
+        && u8::from_str_radix(octets[0], 16).is_ok_and(|b| b & 1 == 0)
+}
+
+/// serde_json appends " at line L column C" to its messages; the position is printed first.
+fn strip_position(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" at line ") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
+    }
+}
+
+/// The known key closest to a typo, if it is close enough to be a likely typo.
+fn closest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| {
+            (
+                edit_distance(&key.to_ascii_lowercase(), &k.to_ascii_lowercase()),
+                *k,
+            )
+        })
+        .filter(|(d, k)| *d <= 2.max(k.len() / 3))
+        .min()
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests;

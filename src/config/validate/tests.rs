@@ -1,0 +1,337 @@
+// Test helpers take `json!` literals by value so the cases read as data.
+#![allow(clippy::needless_pass_by_value)]
+
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::*;
+
+fn problems(doc: serde_json::Value) -> Vec<String> {
+    match parse(&doc.to_string()) {
+        Ok(c) => panic!(
+            "expected problems, got a valid config with warnings {:?}",
+            c.warnings
+        ),
+        Err(p) => p.iter().map(ToString::to_string).collect(),
+    }
+}
+
+fn vm(extra: serde_json::Value) -> serde_json::Value {
+    let mut base = json!({ "cores": 2, "memoryMiB": 2048, "diskGiB": 30 });
+    base.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    base
+}
+
+#[test]
+fn an_empty_document_gets_every_default() {
+    let c = parse("{}").unwrap().config;
+    assert_eq!(c.timezone, chrono_tz::Europe::Berlin);
+    assert_eq!(c.authorized_group, "sudo-srv");
+    assert_eq!(c.maintenance.announce_ahead, TimeDelta::hours(24));
+    assert_eq!(c.maintenance.max_parallel, 1);
+    assert_eq!(c.ceph.pool, "rbd");
+    assert_eq!(c.qemu.accel, Accel::Kvm);
+    assert!(matches!(
+        c.maintenance.rule,
+        WindowRule::Daily {
+            weekdays: WeekdaySet::ALL,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_full_vm_validates() {
+    let c = parse(
+        &json!({ "vms": { "web01": vm(json!({
+            "online": false, "deleteAt": "2027-01-15", "ipAddresses": ["192.0.2.10", "2001:db8::1"],
+            "image": { "name": "debian-12", "snapshot": "base" },
+            "network": { "bridge": "br0", "macAddress": "52:54:00:AB:CD:EF" },
+            "boot": { "kernel": "/boot/vmlinuz", "append": "console=ttyS0" }
+        })) } })
+        .to_string(),
+    )
+    .unwrap()
+    .config;
+    let web = &c.vms[&"web01".parse().unwrap()];
+    assert_eq!(web.name.as_str(), "web01");
+    assert!(!web.online);
+    assert_eq!(web.ip_addresses.len(), 2);
+    assert_eq!(
+        web.network.as_ref().unwrap().mac_address,
+        "52:54:00:ab:cd:ef"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_with_its_path_and_rule() {
+    let got = problems(json!({
+        "timezone": "Europe/Berln",
+        "vms": {
+            "web01": { "cores": 13, "memoryMiB": 512, "diskGiB": 20 },
+            "web02": vm(json!({ "corse": 2 })),
+            "Bad_Name": vm(json!({})),
+            "db01": vm(json!({ "memoryMiB": 98304 })),
+        }
+    }));
+    assert_eq!(
+        got,
+        [
+            "timezone: \"Europe/Berln\" is not a known IANA time zone",
+            "vms.Bad_Name: name must start with a letter a-z",
+            "vms.db01.memoryMiB: 98304 is above this VM's limit of 65536 MiB (64 GiB); only an operator can raise memoryLimitMiB (up to 131072)",
+            "vms.web01.cores: 13 is outside 1..=12",
+            "vms.web01.memoryMiB: 512 is outside 1024..=131072",
+            "vms.web01.diskGiB: 20 is outside 30..=1048576",
+            "vms.web02.corse: unknown key (did you mean `cores`?)",
+        ]
+    );
+}
+
+#[test]
+fn memory_above_64_gib_needs_the_operator_limit() {
+    let ok = parse(
+        &json!({ "vms": { "db01": vm(json!({ "memoryMiB": 98304, "memoryLimitMiB": 131072 })) } })
+            .to_string(),
+    );
+    assert!(ok.is_ok());
+    let got = problems(
+        json!({ "vms": { "db01": vm(json!({ "memoryMiB": 131073, "memoryLimitMiB": 262144 })) } }),
+    );
+    assert_eq!(
+        got,
+        [
+            "vms.db01.memoryLimitMiB: 262144 is outside 65536..=131072",
+            "vms.db01.memoryMiB: 131073 is outside 1024..=131072",
+        ]
+    );
+}
+
+#[test]
+fn huge_disks_need_acknowledgement_and_always_warn() {
+    let got = problems(json!({ "vms": { "big": vm(json!({ "diskGiB": 10240 })) } }));
+    assert_eq!(
+        got,
+        [
+            "vms.big.diskGiB: 10240 GiB is 10 TiB or more and needs allowHugeDisk = true from an operator (object storage is recommended instead)"
+        ]
+    );
+    let c = parse(
+        &json!({ "vms": { "big": vm(json!({ "diskGiB": 10240, "allowHugeDisk": true })) } })
+            .to_string(),
+    )
+    .unwrap();
+    assert_eq!(
+        c.warnings
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        [
+            "vms.big.diskGiB: 10240 GiB is 10 TiB or more: object storage is recommended for data of this size"
+        ]
+    );
+    let c =
+        parse(&json!({ "vms": { "big": vm(json!({ "diskGiB": 10239 })) } }).to_string()).unwrap();
+    assert!(c.warnings.is_empty());
+}
+
+#[test]
+fn addresses_are_unique_across_vms() {
+    let got = problems(json!({ "vms": {
+        "a": vm(json!({ "ipAddresses": ["192.0.2.1", "192.0.2.1"] })),
+        "b": vm(json!({ "ipAddresses": ["192.0.2.2", "x"], "network": { "bridge": "br0", "macAddress": "52:54:00:00:00:01" } })),
+        "c": vm(json!({ "ipAddresses": ["192.0.2.2"], "network": { "bridge": "br0", "macAddress": "52:54:00:00:00:01" } })),
+    } }));
+    assert_eq!(
+        got,
+        [
+            "vms.a.ipAddresses[1]: 192.0.2.1 is listed twice",
+            "vms.b.ipAddresses[1]: \"x\" is not an IP address",
+        ]
+    );
+    let got = problems(json!({ "vms": {
+        "b": vm(json!({ "ipAddresses": ["192.0.2.2"], "network": { "bridge": "br0", "macAddress": "52:54:00:00:00:01" } })),
+        "c": vm(json!({ "ipAddresses": ["192.0.2.2"], "network": { "bridge": "br0", "macAddress": "52:54:00:00:00:01" } })),
+    } }));
+    assert_eq!(
+        got,
+        [
+            "vms.c.ipAddresses: 192.0.2.2 is also assigned to b; addresses must be unique",
+            "vms.c.network.macAddress: 52:54:00:00:00:01 is also used by b; MAC addresses must be unique",
+        ]
+    );
+}
+
+#[test]
+fn maintenance_rules() {
+    let got = problems(json!({ "maintenance": {
+        "window": "22:00-22:00", "weekdays": ["mon", "funday"], "announceAhead": "soon",
+        "maxParallel": 0, "expectedDuration": "30s", "blackouts": [{ "from": "2026-12-24", "to": "2026-12-20" }],
+        "extra": 1
+    } }));
+    assert_eq!(
+        got,
+        [
+            "maintenance.extra: unknown key (known keys: window, weekdays, schedule, announceAhead, maxParallel, expectedDuration, blackouts)",
+            "maintenance.window: \"22:00-22:00\" has no length: start and end are equal",
+            "maintenance.weekdays[1]: \"funday\" is not one of mon, tue, wed, thu, fri, sat, sun",
+            "maintenance.announceAhead: \"soon\" is not a duration such as 24h, 90m or 1h 30m",
+            "maintenance.maxParallel: 0 is outside 1..=1000",
+            "maintenance.expectedDuration: 30s is shorter than the minimum of 1m",
+            "maintenance.blackouts[0].to: 2026-12-20 is before from (2026-12-24)",
+        ]
+    );
+    let got =
+        problems(json!({ "maintenance": { "window": "01:00-03:00", "expectedDuration": "3h" } }));
+    assert_eq!(
+        got,
+        ["maintenance.expectedDuration: 3h does not fit into a window of 2h"]
+    );
+    let got = problems(json!({ "maintenance": { "window": "1am-3am" } }));
+    assert_eq!(
+        got,
+        ["maintenance.window: \"1am\" is not a time of the form HH:MM; write \"HH:MM-HH:MM\""]
+    );
+}
+
+#[test]
+fn a_cron_schedule_replaces_the_daily_window() {
+    let c = parse(
+        &json!({ "maintenance": { "schedule": { "cron": "0 0 22 1-7 * Sun", "length": "6h" } } })
+            .to_string(),
+    )
+    .unwrap();
+    assert!(matches!(c.config.maintenance.rule, WindowRule::Cron { .. }));
+    let got = problems(
+        json!({ "maintenance": { "window": "22:00-05:00", "schedule": { "cron": "nope", "length": "6h" } } }),
+    );
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        got[0],
+        "maintenance.window: cannot be combined with maintenance.schedule; use one"
+    );
+    assert!(
+        got[1].starts_with("maintenance.schedule.cron: not a cron expression"),
+        "{}",
+        got[1]
+    );
+}
+
+#[test]
+fn type_errors_and_malformed_json_name_their_place() {
+    let got = problems(
+        json!({ "vms": { "a": vm(json!({ "cores": "two" })), "b": vm(json!({ "cores": 0 })) } }),
+    );
+    assert_eq!(
+        got,
+        [
+            "vms.a.cores: invalid type: string \"two\", expected i64",
+            "vms.b.cores: 0 is outside 1..=12"
+        ]
+    );
+    let err = parse("{\n  \"vms\": {\n    \"a\": { \"cores\": 2,, }\n  }\n}").unwrap_err();
+    assert_eq!(
+        err[0].to_string(),
+        "malformed JSON at line 3, column 23: key must be a string"
+    );
+    let err = parse("[]").unwrap_err();
+    assert_eq!(
+        err[0].to_string(),
+        "the configuration must be a JSON object"
+    );
+    let got = problems(
+        json!({ "contacts": ["ops@example.com", "not an address"], "notifyCommand": "hook.sh", "authorizedGroup": "Sudo Srv", "qemu": { "accel": "hvf" } }),
+    );
+    assert_eq!(
+        got,
+        [
+            "contacts[1]: \"not an address\" is not an e-mail address",
+            "notifyCommand: \"hook.sh\" must be an absolute path",
+            "authorizedGroup: \"Sudo Srv\" is not a group name (a-z, 0-9, '_', '-', at most 32, starting with a letter or '_')",
+            "qemu.accel: \"hvf\" is not one of kvm, tcg",
+        ]
+    );
+}
+
+#[test]
+fn nulls_mean_absent() {
+    let c = parse(&json!({ "notifyCommand": null, "vms": { "a": vm(json!({ "deleteAt": null, "image": null })) } }).to_string()).unwrap();
+    assert!(c.config.notify_command.is_none());
+}
+
+fn arb_json() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number)),
+        "[a-zA-Z0-9:@ ./-]{0,12}".prop_map(serde_json::Value::from),
+        prop::sample::select(vec![
+            "22:00-05:00",
+            "2026-12-24",
+            "24h",
+            "kvm",
+            "mon",
+            "0 0 22 * * *"
+        ])
+        .prop_map(serde_json::Value::from),
+    ];
+    let keys = prop::sample::select(vec![
+        "vms",
+        "web01",
+        "cores",
+        "memoryMiB",
+        "diskGiB",
+        "maintenance",
+        "window",
+        "weekdays",
+        "schedule",
+        "cron",
+        "length",
+        "blackouts",
+        "from",
+        "to",
+        "ceph",
+        "qemu",
+        "accel",
+        "image",
+        "network",
+        "boot",
+        "ipAddresses",
+        "deleteAt",
+        "memoryLimitMiB",
+        "allowHugeDisk",
+        "timezone",
+        "contacts",
+        "x",
+    ]);
+    leaf.prop_recursive(4, 64, 8, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+            prop::collection::btree_map(keys.clone(), inner, 0..6).prop_map(|m| {
+                serde_json::Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+            }),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Whatever the input, parse returns; every problem names a rule.
+    #[test]
+    fn never_panics_on_structured_input(doc in arb_json()) {
+        if let Err(problems) = parse(&doc.to_string()) {
+            prop_assert!(!problems.is_empty());
+            prop_assert!(problems.iter().all(|p| !p.message.is_empty()));
+        }
+    }
+
+    #[test]
+    fn never_panics_on_arbitrary_text(text in "\\PC{0,200}") {
+        let _ = parse(&text);
+    }
+}

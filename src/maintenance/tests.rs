@@ -1,0 +1,370 @@
+use std::str::FromStr;
+
+use chrono::{NaiveDate, Offset, TimeZone};
+use chrono_tz::Tz;
+use proptest::prelude::*;
+
+use super::*;
+use crate::localtime::{parse_instant, rfc3339};
+
+fn hm(h: u32, m: u32) -> NaiveTime {
+    NaiveTime::from_hms_opt(h, m, 0).unwrap()
+}
+
+fn daily(tz: Tz, start: NaiveTime, end: NaiveTime) -> Policy {
+    Policy {
+        tz,
+        rule: WindowRule::Daily {
+            start,
+            end,
+            weekdays: WeekdaySet::ALL,
+        },
+        announce_ahead: TimeDelta::hours(24),
+        max_parallel: 1,
+        expected_duration: TimeDelta::minutes(15),
+        blackouts: vec![],
+    }
+}
+
+fn berlin() -> Policy {
+    daily(chrono_tz::Europe::Berlin, hm(22, 0), hm(5, 0))
+}
+
+fn t(s: &str) -> DateTime<Utc> {
+    parse_instant(s).unwrap()
+}
+
+fn window_starting(p: &Policy, local_start: &str) -> Window {
+    let from = t(local_start) - TimeDelta::minutes(1);
+    p.windows(from)
+        .find(|w| w.start.with_timezone(&Utc) >= from)
+        .unwrap()
+}
+
+#[test]
+fn the_spring_night_window_lasts_six_hours() {
+    let w = window_starting(&berlin(), "2027-03-27T22:00:00+01:00");
+    assert_eq!(rfc3339(w.start), "2027-03-27T22:00:00+01:00");
+    assert_eq!(rfc3339(w.end), "2027-03-28T05:00:00+02:00");
+    assert_eq!(w.duration(), TimeDelta::hours(6));
+}
+
+#[test]
+fn the_autumn_night_window_lasts_eight_hours() {
+    let w = window_starting(&berlin(), "2026-10-24T22:00:00+02:00");
+    assert_eq!(rfc3339(w.start), "2026-10-24T22:00:00+02:00");
+    assert_eq!(rfc3339(w.end), "2026-10-25T05:00:00+01:00");
+    assert_eq!(w.duration(), TimeDelta::hours(8));
+}
+
+#[test]
+fn an_ordinary_night_lasts_seven_hours_and_an_open_window_is_listed() {
+    let p = berlin();
+    let ws: Vec<Window> = p.windows(t("2026-11-30T02:00:00+01:00")).take(3).collect();
+    // The window of the night 29/30 is still open at 02:00 and comes first.
+    assert_eq!(rfc3339(ws[0].start), "2026-11-29T22:00:00+01:00");
+    assert!(ws.iter().all(|w| w.duration() == TimeDelta::hours(7)));
+    assert_eq!(rfc3339(ws[2].start), "2026-12-01T22:00:00+01:00");
+}
+
+#[test]
+fn a_window_inside_the_skipped_hour_starts_at_the_jump() {
+    let p = daily(chrono_tz::Europe::Berlin, hm(2, 30), hm(4, 0));
+    let w = window_starting(&p, "2027-03-28T01:00:00+01:00");
+    assert_eq!(rfc3339(w.start), "2027-03-28T03:00:00+02:00");
+    assert_eq!(w.duration(), TimeDelta::hours(1));
+    // Entirely inside the gap: no window that night at all.
+    let p = daily(chrono_tz::Europe::Berlin, hm(2, 10), hm(2, 50));
+    let w = window_starting(&p, "2027-03-28T00:00:00+01:00");
+    assert_eq!(rfc3339(w.start), "2027-03-29T02:10:00+02:00");
+}
+
+#[test]
+fn a_window_in_the_repeated_hour_takes_the_longest_reading() {
+    let p = daily(chrono_tz::Europe::Berlin, hm(2, 15), hm(2, 45));
+    let w = window_starting(&p, "2026-10-25T00:00:00+02:00");
+    assert_eq!(rfc3339(w.start), "2026-10-25T02:15:00+02:00");
+    assert_eq!(rfc3339(w.end), "2026-10-25T02:45:00+01:00");
+    assert_eq!(w.duration(), TimeDelta::minutes(90));
+}
+
+#[test]
+fn weekdays_select_the_day_a_window_starts_on() {
+    let mut p = berlin();
+    p.rule = WindowRule::Daily {
+        start: hm(22, 0),
+        end: hm(5, 0),
+        weekdays: WeekdaySet::of(&[Weekday::Sat, Weekday::Sun]),
+    };
+    let ws: Vec<Window> = p.windows(t("2026-11-30T12:00:00+01:00")).take(3).collect();
+    let starts: Vec<String> = ws.iter().map(|w| rfc3339(w.start)).collect();
+    assert_eq!(
+        starts,
+        [
+            "2026-12-05T22:00:00+01:00",
+            "2026-12-06T22:00:00+01:00",
+            "2026-12-12T22:00:00+01:00"
+        ]
+    );
+}
+
+#[test]
+fn a_cron_schedule_gives_the_first_sunday_of_each_month() {
+    let mut p = berlin();
+    p.rule = WindowRule::Cron {
+        schedule: Box::new(cron::Schedule::from_str("0 0 22 1-7 * Sun").unwrap()),
+        length: TimeDelta::hours(6),
+    };
+    let ws: Vec<Window> = p.windows(t("2026-11-29T12:00:00+01:00")).take(3).collect();
+    let got: Vec<String> = ws.iter().map(|w| w.to_string()).collect();
+    assert_eq!(
+        got,
+        [
+            "2026-12-06T22:00:00+01:00 – 2026-12-07T04:00:00+01:00",
+            "2027-01-03T22:00:00+01:00 – 2027-01-04T04:00:00+01:00",
+            "2027-02-07T22:00:00+01:00 – 2027-02-08T04:00:00+01:00"
+        ]
+    );
+}
+
+#[test]
+fn a_cron_window_over_the_spring_change_is_an_hour_shorter() {
+    let mut p = berlin();
+    p.rule = WindowRule::Cron {
+        schedule: Box::new(cron::Schedule::from_str("0 0 1 28 3 *").unwrap()),
+        length: TimeDelta::hours(3),
+    };
+    let w = p.windows(t("2027-03-01T00:00:00Z")).next().unwrap();
+    assert_eq!(
+        w.to_string(),
+        "2027-03-28T01:00:00+01:00 – 2027-03-28T04:00:00+02:00"
+    );
+    assert_eq!(w.duration(), TimeDelta::hours(2));
+}
+
+#[test]
+fn blackouts_cut_windows() {
+    let mut p = berlin();
+    p.blackouts = vec![Blackout {
+        from: NaiveDate::from_ymd_opt(2026, 12, 23).unwrap(),
+        to: NaiveDate::from_ymd_opt(2027, 1, 2).unwrap(),
+        reason: "holiday freeze".into(),
+    }];
+    let ws: Vec<Window> = p.windows(t("2026-12-22T12:00:00+01:00")).take(2).collect();
+    // The night of the 22nd ends at midnight, when the freeze starts.
+    assert_eq!(
+        ws[0].to_string(),
+        "2026-12-22T22:00:00+01:00 – 2026-12-23T00:00:00+01:00"
+    );
+    // The freeze ends with the 2nd: the next window is what is left of that night.
+    assert_eq!(
+        ws[1].to_string(),
+        "2027-01-03T00:00:00+01:00 – 2027-01-03T05:00:00+01:00"
+    );
+    assert_eq!(
+        p.blackout_on(NaiveDate::from_ymd_opt(2027, 1, 1).unwrap())
+            .unwrap()
+            .reason,
+        "holiday freeze"
+    );
+}
+
+#[test]
+fn a_slot_is_announced_a_day_ahead_in_the_next_window() {
+    let p = berlin();
+    let s = p.pick_slot(t("2026-11-30T10:00:00+01:00"), &[]).unwrap();
+    assert_eq!(
+        s.to_string(),
+        "2026-12-01T22:00:00+01:00 – 2026-12-01T22:15:00+01:00"
+    );
+    // Announced during a window: a day later the same window is open, so the slot starts
+    // exactly 24 h later, on the next whole minute.
+    let s = p.pick_slot(t("2026-11-30T23:10:20+01:00"), &[]).unwrap();
+    assert_eq!(rfc3339(s.start), "2026-12-01T23:11:00+01:00");
+}
+
+#[test]
+fn a_slot_must_fit_before_the_window_closes() {
+    let p = berlin();
+    let s = p.pick_slot(t("2026-11-30T04:50:00+01:00"), &[]).unwrap();
+    assert_eq!(rfc3339(s.start), "2026-12-01T22:00:00+01:00");
+    let s = p.pick_slot(t("2026-11-30T04:45:00+01:00"), &[]).unwrap();
+    assert_eq!(rfc3339(s.start), "2026-12-01T04:45:00+01:00");
+}
+
+#[test]
+fn slots_of_several_vms_are_spread_by_max_parallel() {
+    let mut p = berlin();
+    let now = t("2026-11-30T10:00:00+01:00");
+    let mut taken = vec![];
+    for _ in 0..3 {
+        let s = p.pick_slot(now, &taken).unwrap();
+        taken.push(s);
+    }
+    let starts: Vec<String> = taken.iter().map(|s| rfc3339(s.start)).collect();
+    assert_eq!(
+        starts,
+        [
+            "2026-12-01T22:00:00+01:00",
+            "2026-12-01T22:15:00+01:00",
+            "2026-12-01T22:30:00+01:00"
+        ]
+    );
+    p.max_parallel = 2;
+    let mut taken = vec![];
+    for _ in 0..3 {
+        let s = p.pick_slot(now, &taken).unwrap();
+        taken.push(s);
+    }
+    let starts: Vec<String> = taken.iter().map(|s| rfc3339(s.start)).collect();
+    assert_eq!(
+        starts,
+        [
+            "2026-12-01T22:00:00+01:00",
+            "2026-12-01T22:00:00+01:00",
+            "2026-12-01T22:15:00+01:00"
+        ]
+    );
+}
+
+#[test]
+fn nothing_fits_gives_none() {
+    let mut p = berlin();
+    p.expected_duration = TimeDelta::hours(9);
+    assert_eq!(p.pick_slot(t("2026-11-30T10:00:00+01:00"), &[]), None);
+}
+
+#[test]
+fn the_autumn_night_fits_a_duration_no_other_night_does() {
+    let mut p = berlin();
+    p.expected_duration = TimeDelta::hours(8);
+    let s = p.pick_slot(t("2026-10-01T10:00:00+02:00"), &[]).unwrap();
+    assert_eq!(
+        s.to_string(),
+        "2026-10-24T22:00:00+02:00 – 2026-10-25T05:00:00+01:00"
+    );
+}
+
+const ZONES: [&str; 6] = [
+    "Europe/Berlin",
+    "America/New_York",
+    "Australia/Lord_Howe",
+    "Asia/Kolkata",
+    "UTC",
+    "America/Santiago",
+];
+
+fn arb_policy() -> impl Strategy<Value = Policy> {
+    (
+        0..ZONES.len(),
+        0u32..24 * 4,
+        1u32..24 * 4,
+        0i64..72 * 60,
+        1i64..240,
+        1u32..3,
+        1u8..128,
+    )
+        .prop_map(|(z, start_q, len_q, ahead, dur, par, days)| {
+            let start = hm(start_q / 4, start_q % 4 * 15);
+            let end_q = (start_q + len_q) % (24 * 4);
+            Policy {
+                tz: Tz::from_str(ZONES[z]).unwrap(),
+                rule: WindowRule::Daily {
+                    start,
+                    end: hm(end_q / 4, end_q % 4 * 15),
+                    weekdays: WeekdaySet(days),
+                },
+                announce_ahead: TimeDelta::minutes(ahead),
+                max_parallel: par,
+                expected_duration: TimeDelta::minutes(dur),
+                blackouts: vec![],
+            }
+        })
+        .prop_filter("start != end", |p| match p.rule {
+            WindowRule::Daily { start, end, .. } => start != end,
+            WindowRule::Cron { .. } => true,
+        })
+}
+
+fn arb_now() -> impl Strategy<Value = DateTime<Utc>> {
+    // 2026-01-01 .. 2028-12-31: covers three years of DST changes in every zone.
+    (1_767_225_600i64..1_861_833_600).prop_map(|s| Utc.timestamp_opt(s, 0).unwrap())
+}
+
+/// Whether a slot starting at `start` would be valid: inside one window, within the
+/// parallelism limit.
+fn valid(p: &Policy, windows: &[Window], taken: &[Slot], start: DateTime<Tz>) -> bool {
+    let end = start + p.expected_duration;
+    windows.iter().any(|w| w.contains_interval(start, end))
+        && taken
+            .iter()
+            .filter(|s| s.start < end && start < s.end)
+            .count()
+            < p.max_parallel as usize
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn windows_follow_the_wall_clock(p in arb_policy(), now in arb_now()) {
+        let WindowRule::Daily { start, end, weekdays } = p.rule else { unreachable!() };
+        let ws: Vec<Window> = p.windows(now).take(40).collect();
+        prop_assert!(!ws.is_empty());
+        for pair in ws.windows(2) {
+            prop_assert!(pair[0].end < pair[1].start, "windows overlap or touch: {pair:?}");
+        }
+        for w in &ws {
+            prop_assert!(w.end > now);
+            prop_assert!(w.start < w.end);
+            // Away from a DST change the window shows exactly the policy's wall-clock times.
+            let s_off = w.start.offset().fix();
+            let e_off = w.end.offset().fix();
+            let shifted = p.tz.offset_from_utc_datetime(&(w.start - TimeDelta::hours(3)).naive_utc()).fix() != s_off
+                || p.tz.offset_from_utc_datetime(&(w.end + TimeDelta::hours(3)).naive_utc()).fix() != e_off;
+            if !shifted && s_off == e_off {
+                prop_assert_eq!(w.start.time(), start);
+                prop_assert_eq!(w.end.time(), end);
+                prop_assert!(weekdays.contains(w.start.weekday()));
+            }
+        }
+    }
+
+    #[test]
+    fn the_slot_is_the_earliest_valid_one(
+        p in arb_policy(),
+        now in arb_now(),
+        taken_offsets in proptest::collection::vec(0i64..4 * 24 * 60, 0..4),
+    ) {
+        let tz = p.tz;
+        let earliest = (now + p.announce_ahead).with_timezone(&tz);
+        // Other VMs' slots, placed the way the planner places them.
+        let mut taken: Vec<Slot> = vec![];
+        for off in taken_offsets {
+            if let Some(s) = p.pick_slot(now + TimeDelta::minutes(off), &taken) {
+                taken.push(s);
+            }
+        }
+        let Some(slot) = p.pick_slot(now, &taken) else {
+            // Only a duration longer than every window may find nothing.
+            let longest = p.windows(now).take(800).map(|w| w.duration()).max().unwrap();
+            prop_assert!(longest < p.expected_duration);
+            return Ok(());
+        };
+        prop_assert!(slot.start >= earliest);
+        prop_assert_eq!(slot.end - slot.start, p.expected_duration);
+        let windows: Vec<Window> = p.windows(now).take_while(|w| w.start <= slot.end).collect();
+        prop_assert!(valid(&p, &windows, &taken, slot.start), "slot {slot} not valid");
+        // No earlier whole-minute start is valid.
+        let mut c = ceil_minute_tz(earliest);
+        while c < slot.start {
+            prop_assert!(!valid(&p, &windows, &taken, c), "{} would have been valid before {}", rfc3339(c), slot);
+            // Skip ahead to the next window when c lies outside all windows: nothing there is valid.
+            match windows.iter().find(|w| w.end > c) {
+                Some(w) if w.start > c => c = ceil_minute_tz(w.start),
+                Some(_) => c += TimeDelta::minutes(1),
+                None => break,
+            }
+        }
+    }
+}

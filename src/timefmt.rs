@@ -1,1 +1,0 @@
-//! Parsing and printing of durations, dates and instants in the formats the config and CLI use.
