@@ -1,8 +1,320 @@
-//! Command-line interface: parse arguments, call the core or the daemon, print results; never decides.
+//! Command-line interface: parse arguments, call the core or the daemon, print results;
+//! never decides anything itself.
 
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Runs the command named on the command line.
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, LoadError};
+use crate::localtime::{format_duration, parse_instant, rfc3339};
+use crate::plan::{self, Action, Observed, Plan, StageStatus};
+use crate::state::State;
+
+/// Supervise the VMs of this host.
+#[derive(Debug, Parser)]
+#[command(name = "vmkeeper", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a configuration file: exit 0 (warnings printed) or 1 with every problem.
+    CheckConfig {
+        /// The JSON configuration.
+        file: PathBuf,
+    },
+    /// Show what would happen now: actions, pending changes with their slots, refusals,
+    /// deletion stages. Changes nothing.
+    Plan {
+        /// The JSON configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// State directory; defaults to the configuration's stateDir.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Plan as of this instant (RFC 3339) instead of the clock.
+        #[arg(long, value_parser = instant)]
+        now: Option<DateTime<Utc>>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the next maintenance windows as instants with UTC offsets.
+    Windows {
+        /// The JSON configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// First instant of interest (RFC 3339); defaults to the clock.
+        #[arg(long, value_parser = instant)]
+        from: Option<DateTime<Utc>>,
+        /// How many windows.
+        #[arg(long, default_value_t = 7)]
+        count: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn instant(s: &str) -> Result<DateTime<Utc>, String> {
+    parse_instant(s)
+}
+
+/// Runs the command named on the command line and reports its error chain once.
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmkeeper: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Plan {
+            config,
+            state_dir,
+            now,
+            json,
+        } => {
+            let Some(checked) = load_or_report(&config)? else {
+                return Ok(ExitCode::FAILURE);
+            };
+            let cfg = checked.config;
+            let dir = state_dir.unwrap_or_else(|| cfg.state_dir.clone());
+            let state = State::load(&dir)?;
+            // The CLI is an edge: it may read the clock; the core only gets `now`.
+            let now = now.unwrap_or_else(Utc::now);
+            let p = plan::plan(&cfg, &Observed::as_recorded(&state), &state, now);
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &p)?;
+                writeln!(out)?;
+            } else {
+                write!(out, "{}", render_plan(&p))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Windows {
+            config,
+            from,
+            count,
+            json,
+        } => {
+            let Some(checked) = load_or_report(&config)? else {
+                return Ok(ExitCode::FAILURE);
+            };
+            let policy = &checked.config.maintenance;
+            let from = from.unwrap_or_else(Utc::now);
+            let windows: Vec<_> = policy.windows(from).take(count).collect();
+            let mut out = std::io::stdout().lock();
+            if json {
+                #[derive(serde::Serialize)]
+                #[serde(rename_all = "camelCase")]
+                struct Row {
+                    start: String,
+                    end: String,
+                    duration_minutes: i64,
+                }
+                let rows: Vec<Row> = windows
+                    .iter()
+                    .map(|w| Row {
+                        start: rfc3339(w.start),
+                        end: rfc3339(w.end),
+                        duration_minutes: w.duration().num_minutes(),
+                    })
+                    .collect();
+                serde_json::to_writer_pretty(&mut out, &rows)?;
+                writeln!(out)?;
+            } else {
+                for w in &windows {
+                    writeln!(out, "{w}  ({})", format_duration(w.duration()))?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> Result<ExitCode> {
+    match load_or_report(file)? {
+        Some(checked) => {
+            for w in &checked.warnings {
+                println!("warning: {w}");
+            }
+            println!("{}: ok, {} VM(s)", file.display(), checked.config.vms.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        None => Ok(ExitCode::FAILURE),
+    }
+}
+
+/// Loads a configuration; on problems prints each on its own line and returns `None`.
+fn load_or_report(file: &std::path::Path) -> Result<Option<config::Checked>> {
+    match config::load(file) {
+        Ok(c) => Ok(Some(c)),
+        Err(LoadError::Invalid { problems, .. }) => {
+            for p in &problems {
+                println!("{p}");
+            }
+            Ok(None)
+        }
+        Err(e) => Err(e).context("cannot load the configuration"),
+    }
+}
+
+fn render_plan(p: &Plan) -> String {
+    let mut s = format!("Plan at {} ({})\n", rfc3339(p.now), p.timezone);
+    let section = |s: &mut String, title: &str, lines: Vec<String>| {
+        if !lines.is_empty() {
+            s.push_str(&format!("\n{title}:\n"));
+            for l in lines {
+                s.push_str(&format!("  {l}\n"));
+            }
+        }
+    };
+    section(&mut s, "Warnings", p.warnings.clone());
+    section(
+        &mut s,
+        "Actions now",
+        p.actions.iter().map(render_action).collect(),
+    );
+    section(
+        &mut s,
+        "Pending (applied by a maintenance reboot)",
+        p.pending
+            .iter()
+            .map(|x| {
+                format!(
+                    "{}: cores {} -> {}, memoryMiB {} -> {}; reboot in slot {}, announced {}",
+                    x.vm,
+                    x.from.cores,
+                    x.to.cores,
+                    x.from.memory_mib,
+                    x.to.memory_mib,
+                    x.slot,
+                    rfc3339(x.announced_at)
+                )
+            })
+            .collect(),
+    );
+    section(
+        &mut s,
+        "Refused",
+        p.refusals.iter().map(ToString::to_string).collect(),
+    );
+    section(
+        &mut s,
+        "Deletions",
+        p.deletions
+            .iter()
+            .flat_map(|d| {
+                let mut lines = vec![format!(
+                    "{} on {} (cancellable until {})",
+                    d.vm,
+                    d.date,
+                    rfc3339(d.cancellable_until)
+                )];
+                lines.extend(d.stages.iter().map(|st| {
+                    let status = match st.status {
+                        StageStatus::Done => "done",
+                        StageStatus::Due => "due now",
+                        StageStatus::Upcoming => "upcoming",
+                    };
+                    format!("  {:<15} {}  {status}", st.stage.as_str(), rfc3339(st.at))
+                }));
+                lines
+            })
+            .collect(),
+    );
+    section(
+        &mut s,
+        "Reserved names",
+        p.reserved_names
+            .iter()
+            .map(|r| format!("{} is free on {}", r.vm, r.free_on))
+            .collect(),
+    );
+    if p.actions.is_empty() && p.pending.is_empty() && p.refusals.is_empty() {
+        s.push_str("\nNothing to do.\n");
+    }
+    s
+}
+
+fn render_action(a: &Action) -> String {
+    match a {
+        Action::CreateDisk {
+            vm,
+            size_gib,
+            clone_from: None,
+        } => {
+            format!("{vm}: create disk {size_gib} GiB (thin)")
+        }
+        Action::CreateDisk {
+            vm,
+            size_gib,
+            clone_from: Some(b),
+        } => format!(
+            "{vm}: create disk {size_gib} GiB as a clone of {}{}@{}",
+            b.pool
+                .as_deref()
+                .map(|p| format!("{p}/"))
+                .unwrap_or_default(),
+            b.name,
+            b.snapshot
+        ),
+        Action::Start { vm, resources: r } => format!(
+            "{vm}: start with {} vCPU, {} MiB RAM, {} GiB disk",
+            r.cores, r.memory_mib, r.disk_gib
+        ),
+        Action::GrowDisk {
+            vm,
+            from_gib,
+            to_gib,
+            live,
+        } => format!(
+            "{vm}: grow disk {from_gib} -> {to_gib} GiB{}",
+            if *live {
+                " live (QMP block_resize)"
+            } else {
+                ""
+            }
+        ),
+        Action::Stop { vm, reason } => format!("{vm}: stop ({reason})"),
+        Action::MaintenanceReboot { vm, slot } => {
+            format!("{vm}: maintenance reboot in slot {slot}")
+        }
+        Action::ScheduleMaintenance {
+            vm, slot, replaces, ..
+        } => match replaces {
+            Some(old) if old != slot => {
+                format!("{vm}: move maintenance from {old} to {slot}, announce")
+            }
+            Some(_) => format!("{vm}: update maintenance in slot {slot}, announce"),
+            None => format!("{vm}: schedule maintenance in slot {slot}, announce"),
+        },
+        Action::CancelMaintenance { vm, reason } => {
+            format!("{vm}: cancel maintenance ({reason}), announce")
+        }
+        Action::ScheduleDeletion { vm, date, .. } => format!("{vm}: schedule deletion on {date}"),
+        Action::CancelDeletion { vm, reason } => format!("{vm}: cancel deletion ({reason})"),
+        Action::RunDeletionStage { vm, stage } => format!("{vm}: run deletion stage {stage}"),
+    }
 }

@@ -84,8 +84,10 @@ pub struct Resources {
     /// vCPUs.
     pub cores: u32,
     /// RAM in MiB.
+    #[serde(rename = "memoryMiB")]
     pub memory_mib: u64,
     /// Disk size in GiB.
+    #[serde(rename = "diskGiB")]
     pub disk_gib: u64,
 }
 

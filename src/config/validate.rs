@@ -199,6 +199,7 @@ pub fn parse(text: &str) -> Result<Checked, Vec<Problem>> {
     let qemu = qemu(&mut v, raw.qemu);
 
     let mut vms = BTreeMap::new();
+    let mut addresses = BTreeMap::new();
     for (name, raw_vm) in raw.vms.unwrap_or_default() {
         let path = format!("vms.{name}");
         let vm_name = match name.parse::<VmName>() {
@@ -210,13 +211,13 @@ pub fn parse(text: &str) -> Result<Checked, Vec<Problem>> {
         };
         let spec = v
             .section::<RawVm>(&path, Some(raw_vm))
-            .and_then(|r| vm(&mut v, &path, r));
+            .and_then(|r| vm(&mut v, &path, r, addresses.entry(name.clone()).or_default()));
         if let (Some(n), Some(mut s)) = (vm_name, spec) {
             s.name = n.clone();
             vms.insert(n, s);
         }
     }
-    unique_addresses(&mut v, &vms);
+    unique_addresses(&mut v, &addresses);
 
     if !v.problems.is_empty() {
         return Err(v.problems);
@@ -479,7 +480,14 @@ fn qemu(v: &mut Validator, raw: Option<Value>) -> QemuConfig {
     }
 }
 
-fn vm(v: &mut Validator, path: &str, raw: RawVm) -> Option<VmSpec> {
+/// What a VM claims that must be unique across VMs, collected even when the VM is invalid.
+#[derive(Default)]
+struct Claims {
+    ips: Vec<IpAddr>,
+    mac: Option<String>,
+}
+
+fn vm(v: &mut Validator, path: &str, raw: RawVm, claims: &mut Claims) -> Option<VmSpec> {
     let before = v.problems.len();
     v.unknown(path, &raw.unknown, VM_KEYS);
     let required = |v: &mut Validator, key: &str, x: Option<i64>| {
@@ -550,7 +558,10 @@ fn vm(v: &mut Validator, path: &str, raw: RawVm) -> Option<VmSpec> {
                 format!("{path}.ipAddresses[{i}]"),
                 format!("{ip} is listed twice"),
             ),
-            Ok(ip) => ip_addresses.push(ip),
+            Ok(ip) => {
+                ip_addresses.push(ip);
+                claims.ips.push(ip);
+            }
             Err(_) => v.err(
                 format!("{path}.ipAddresses[{i}]"),
                 format!("{a:?} is not an IP address"),
@@ -581,6 +592,7 @@ fn vm(v: &mut Validator, path: &str, raw: RawVm) -> Option<VmSpec> {
             );
         }
         let mac = nonempty(v, &format!("{p}.macAddress"), n.mac_address);
+        claims.mac = mac.as_ref().map(|m| m.to_ascii_lowercase());
         if let Some(m) = &mac
             && !is_unicast_mac(m)
         {
@@ -627,11 +639,11 @@ fn vm(v: &mut Validator, path: &str, raw: RawVm) -> Option<VmSpec> {
     })
 }
 
-fn unique_addresses(v: &mut Validator, vms: &BTreeMap<VmName, VmSpec>) {
-    let mut owner: BTreeMap<IpAddr, &VmName> = BTreeMap::new();
-    let mut macs: BTreeMap<&str, &VmName> = BTreeMap::new();
-    for (name, spec) in vms {
-        for ip in &spec.ip_addresses {
+fn unique_addresses(v: &mut Validator, claims: &BTreeMap<String, Claims>) {
+    let mut owner: BTreeMap<IpAddr, &str> = BTreeMap::new();
+    let mut macs: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, c) in claims {
+        for ip in &c.ips {
             match owner.get(ip) {
                 Some(first) => v.err(
                     format!("vms.{name}.ipAddresses"),
@@ -642,17 +654,14 @@ fn unique_addresses(v: &mut Validator, vms: &BTreeMap<VmName, VmSpec>) {
                 }
             }
         }
-        if let Some(n) = &spec.network {
-            match macs.get(n.mac_address.as_str()) {
+        if let Some(mac) = &c.mac {
+            match macs.get(mac.as_str()) {
                 Some(first) => v.err(
                     format!("vms.{name}.network.macAddress"),
-                    format!(
-                        "{} is also used by {first}; MAC addresses must be unique",
-                        n.mac_address
-                    ),
+                    format!("{mac} is also used by {first}; MAC addresses must be unique"),
                 ),
                 None => {
-                    macs.insert(&n.mac_address, name);
+                    macs.insert(mac, name);
                 }
             }
         }

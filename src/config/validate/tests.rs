@@ -149,6 +149,9 @@ fn addresses_are_unique_across_vms() {
         [
             "vms.a.ipAddresses[1]: 192.0.2.1 is listed twice",
             "vms.b.ipAddresses[1]: \"x\" is not an IP address",
+            // Claims of invalid VMs still count: b is invalid, c collides with it.
+            "vms.c.ipAddresses: 192.0.2.2 is also assigned to b; addresses must be unique",
+            "vms.c.network.macAddress: 52:54:00:00:00:01 is also used by b; MAC addresses must be unique",
         ]
     );
     let got = problems(json!({ "vms": {
