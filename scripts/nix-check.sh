@@ -51,6 +51,17 @@ need_crate() {
   cargo install --locked --quiet "$1"
 }
 
+# docs/usage/nixos.md shows the example the VM test runs, character for character.
+docs_example_verbatim() {
+  python3 - "$ROOT" <<'PY'
+import sys
+root = sys.argv[1]
+doc = open(f"{root}/docs/usage/nixos.md").read()
+block = doc.split("<!-- verbatim: nixos/examples/two-vms.nix -->\n```nix\n", 1)[1].split("```", 1)[0]
+sys.exit(0 if block == open(f"{root}/nixos/examples/two-vms.nix").read() else 1)
+PY
+}
+
 nix_files() {
   git -C "$ROOT" ls-files --cached --others --exclude-standard -z -- '*.nix'
 }
@@ -124,6 +135,47 @@ too_many_cores_fails() {
   echo "  $(grep -F "$want" <<<"$err" | sed 's/^ *//')"
 }
 
+eval_json() {
+  nix-instantiate --eval --strict --json -E "
+    (import $ROOT/nixos/tests/module-eval.nix { lib = import $LIB; system = \"$SYSTEM\"; }).$1
+  "
+}
+
+# docs/development/conventions.md has a table row for every option.
+options_documented() {
+  local names
+  names=$(eval_json optionNames) || return 1
+  python3 - "$names" "$ROOT/docs/development/conventions.md" <<'PY'
+import json, sys
+names = [n.removeprefix("services.vmkeeper.") for n in json.loads(sys.argv[1])]
+table = open(sys.argv[2]).read()
+missing = [n for n in names if f"| `{n}`" not in table]
+for n in missing:
+    print("  option missing from docs/development/conventions.md:", n, file=sys.stderr)
+print(f"  {len(names) - len(missing)}/{len(names)} options documented")
+sys.exit(1 if missing else 0)
+PY
+}
+
+# The JSON shown in docs/usage/nixos.md is what the module generates from the example.
+docs_json_matches() {
+  local generated
+  generated=$(eval_json exampleSettings) || return 1
+  python3 - "$generated" "$ROOT/docs/usage/nixos.md" <<'PY'
+import json, sys
+generated = json.loads(sys.argv[1])
+doc = open(sys.argv[2]).read()
+block = doc.split("<!-- generated from the example above -->", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+shown = json.loads(block)
+for d in (generated, shown):
+    d["qemu"].pop("binary")
+if shown != generated:
+    print("  docs/usage/nixos.md shows:\n" + json.dumps(shown, indent=2, sort_keys=True), file=sys.stderr)
+    print("  the module generates:\n" + json.dumps(generated, indent=2, sort_keys=True), file=sys.stderr)
+    sys.exit(1)
+PY
+}
+
 # The flake with its nixpkgs input replaced by a flake that holds only lib/.
 make_lib_flake() {
   STUB=$(mktemp -d)
@@ -168,11 +220,14 @@ done
 command -v deadnix >/dev/null && step "deadnix finds nothing" deadnix_all
 command -v nixpkgs-fmt >/dev/null && step "nixpkgs-fmt --check" format_all
 step "flake.lock pins nixpkgs" flake_lock_pinned
+step "docs/usage/nixos.md shows nixos/examples/two-vms.nix verbatim" docs_example_verbatim
 
 if LIB=$(find_lib); then
   echo "      nixpkgs lib copy: $LIB"
   step "module evaluation cases (lib.evalModules)" eval_cases
   step "a VM with 13 cores fails evaluation, naming the VM" too_many_cores_fails
+  step "every option is in docs/development/conventions.md" options_documented
+  step "docs/usage/nixos.md shows the JSON the example generates" docs_json_matches
   make_lib_flake
   step "nix build .#checks.$SYSTEM.module-eval (nixpkgs = lib only)" flake_module_eval
   step "nix flake show (nixpkgs = lib only)" flake_show

@@ -222,6 +222,20 @@ in
 {
   inherit cases;
 
+  # For scripts/nix-check.sh: the example's JSON, and every visible option's name.
+  exampleSettings = settings;
+  optionNames =
+    let
+      options = (lib.evalModules {
+        modules = [
+          stubs.module
+          ../default.nix
+          { services.vmkeeper.package = stubs.package; }
+        ];
+      }).options.services.vmkeeper;
+    in
+    map (o: o.name) (lib.filter (o: o.visible && !o.internal) (lib.optionAttrSetToDocList options));
+
   # For scripts/nix-check.sh: evaluating this must fail with an error naming web01's cores.
   tooManyCores = (withExample { services.vmkeeper.vms.web01.cores = lib.mkForce 13; }).services.vmkeeper.finalSettings;
 
