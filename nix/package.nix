@@ -21,6 +21,8 @@ rustPlatform.buildRustPackage {
       ../Cargo.toml
       ../Cargo.lock
       ../src
+      (lib.fileset.maybeMissing ../build.rs)
+      (lib.fileset.maybeMissing ../examples)
       (lib.fileset.maybeMissing ../tests)
       (lib.fileset.maybeMissing ../benches)
       (lib.fileset.maybeMissing ../dist)

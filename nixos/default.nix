@@ -165,8 +165,10 @@ in
     # NixOS' journalctl reads catalogs from systemd's own store path and from
     # /usr/local/lib/systemd/catalog only; the link and --update-catalog (ExecStartPre below)
     # make `journalctl -x` explain vmkeeper's MESSAGE_IDs.
-    systemd.tmpfiles.rules = lib.optional (catalog != null)
-      "L+ /usr/local/lib/systemd/catalog/vmkeeper.catalog - - - - ${cfg.package}/${catalog}";
+    systemd.tmpfiles.rules = lib.optionals (catalog != null) [
+      "d /usr/local/lib/systemd/catalog 0755 root root -"
+      "L+ /usr/local/lib/systemd/catalog/vmkeeper.catalog - - - - ${cfg.package}/${catalog}"
+    ];
 
     systemd.services.vmkeeper = {
       description = "vmkeeper: supervisor of the declared VMs";

@@ -4,8 +4,11 @@
 #   2. deadnix finds no dead code
 #   3. formatting: nixpkgs-fmt --check (the flake's `formatter`)
 #   4. the module evaluation check (nixos/tests/module-eval.nix) against nixpkgs' lib folder,
-#      directly and as the flake's checks.<system>.module-eval; a VM with 13 cores must fail
-#      evaluation with a message naming that VM; `nix flake show` lists the outputs.
+#      directly and as the flake's checks.<system>.module-eval (also via `nix flake check`);
+#      a VM with 13 cores must fail evaluation with a message naming that VM; every option
+#      has a row in docs/development/conventions.md; `nix flake show` lists the outputs.
+#   Always: docs/usage/nixos.md shows nixos/examples/two-vms.nix verbatim, and (with lib)
+#      the JSON that example generates.
 # Step 4 needs a copy of nixpkgs' lib/ OUTSIDE this repository (never commit it):
 #   VMKEEPER_NIXPKGS_LIB=/path/to/lib (or a nixpkgs / nixpkgs.lib checkout holding lib/),
 #   default: ../nixpkgs-lib next to the repository. Without one, step 4 says it was skipped.
@@ -192,6 +195,11 @@ flake_module_eval() {
     --no-write-lock-file --no-link 2>&1 | grep -v -e 'not writing modified lock file' -e 'Updated input' -e "^ *'" -e '→'
   return "${PIPESTATUS[0]}"
 }
+flake_check() {
+  nix flake check "$(flake_ref)" --override-input nixpkgs "path:$STUB" --no-write-lock-file 2>&1 |
+    grep -v -e 'not writing modified lock file' -e 'Updated input' -e "^ *'" -e '→' -e '^evaluating flake' -e '^running flake checks'
+  return "${PIPESTATUS[0]}"
+}
 flake_show() {
   local out
   out=$(nix flake show "$(flake_ref)" --override-input nixpkgs "path:$STUB" --no-write-lock-file 2>/dev/null) || return 1
@@ -230,6 +238,7 @@ if LIB=$(find_lib); then
   step "docs/usage/nixos.md shows the JSON the example generates" docs_json_matches
   make_lib_flake
   step "nix build .#checks.$SYSTEM.module-eval (nixpkgs = lib only)" flake_module_eval
+  step "nix flake check (nixpkgs = lib only)" flake_check
   step "nix flake show (nixpkgs = lib only)" flake_show
 else
   echo "skip  module evaluation: skipped: no nixpkgs lib copy (set VMKEEPER_NIXPKGS_LIB, or put one at $(cd "$ROOT/.." && pwd)/nixpkgs-lib)"

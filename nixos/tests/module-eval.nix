@@ -105,6 +105,7 @@ let
 
     "journal catalog is linked where journalctl looks, and indexed before the daemon starts" =
       example.systemd.tmpfiles.rules == [
+        "d /usr/local/lib/systemd/catalog 0755 root root -"
         "L+ /usr/local/lib/systemd/catalog/vmkeeper.catalog - - - - ${stubs.package}/lib/systemd/catalog/vmkeeper.catalog"
       ]
       && lib.length service.serviceConfig.ExecStartPre == 1
