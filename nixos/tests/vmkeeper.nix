@@ -1,7 +1,7 @@
 # NixOS VM test: a host with a single-node Ceph (nixpkgs' ceph module) runs the documented
 # example (../examples/two-vms.nix). Each VM boots a guest whose initrd writes the size of
-# its disk, as the guest sees it, into the disk's first sector every second, so the test
-# reads the guest's view straight from RBD. Configuration changes are applied the way an
+# its disk and its CPU count, as the guest sees them, into the disk's first sector every
+# second, so the test reads the guest's view straight from RBD. Configuration changes are applied the way an
 # operator applies them: switch-to-configuration into a specialisation, which reloads the
 # daemon and must not restart it or any VM.
 #
@@ -35,9 +35,13 @@ in
         ];
         boot.initrd.postDeviceCommands = ''
           while true; do
-            size=$(cat /sys/block/vda/size)
-            echo "VMSIZE vda=$size"
-            printf 'VMSIZE vda=%s\n' "$size" | dd of=/dev/vda bs=512 count=1 conv=sync,notrunc,fsync 2>/dev/null
+            if [ -e /sys/block/vda/size ]; then
+              size=$(cat /sys/block/vda/size)
+              cpus=$(grep -c ^processor /proc/cpuinfo)
+              echo "VMSIZE vda=$size cpus=$cpus"
+              printf 'VMSIZE vda=%s cpus=%s\n' "$size" "$cpus" |
+                dd of=/dev/vda bs=512 count=1 conv=sync,notrunc,fsync 2>/dev/null || true
+            fi
             sleep 1
           done
         '';
@@ -149,11 +153,11 @@ in
           return host.succeed(f"systemctl show -p InvocationID --value {unit}").strip()
 
 
-      def guest_sees(vm, size):
-          # The guest writes "VMSIZE vda=<sectors>" into its disk's first sector.
+      def guest_sees(vm, size, cpus):
+          # The guest writes "VMSIZE vda=<sectors> cpus=<n>" into its disk's first sector.
           host.wait_until_succeeds(
               f"rados -p rbd get \"$(rbd info rbd/{vm} --format json | jq -r .block_name_prefix)\".0000000000000000 /tmp/{vm}.head"
-              f" && head -c 64 /tmp/{vm}.head | grep -a -q 'VMSIZE vda={size}$'",
+              f" && head -c 64 /tmp/{vm}.head | grep -a -q 'VMSIZE vda={size} cpus={cpus}$'",
               timeout=600,
           )
 
@@ -196,15 +200,15 @@ in
           host.wait_for_unit("vmkeeper.service")
           host.wait_for_unit("vmkeeper-vm-web01.service")
           host.wait_for_unit("vmkeeper-vm-db01.service")
-          guest_sees("web01", "${sectors 50}")
-          guest_sees("db01", "${sectors 100}")
+          guest_sees("web01", "${sectors 50}", 2)
+          guest_sees("db01", "${sectors 100}", 4)
           daemon = invocation("vmkeeper.service")
           web01 = invocation("vmkeeper-vm-web01.service")
           db01 = invocation("vmkeeper-vm-db01.service")
 
       with subtest("a grown disk reaches the running guest; the switch only reloads"):
           switch_to("grown")
-          guest_sees("web01", "${sectors 60}")
+          guest_sees("web01", "${sectors 60}", 2)
           host.succeed("rbd info rbd/web01 --format json | jq -e '.size == ${toString (60 * gib)}'")
           assert invocation("vmkeeper.service") == daemon, "the switch restarted the daemon"
           assert invocation("vmkeeper-vm-web01.service") == web01, "the disk grow restarted web01"
@@ -222,7 +226,7 @@ in
               f"the pending change of web01 has no slot:\n{plan}"
           # The VM keeps running with its old values until its maintenance slot.
           assert invocation("vmkeeper-vm-web01.service") == web01, "the CPU change restarted web01"
-          guest_sees("web01", "${sectors 60}")
+          guest_sees("web01", "${sectors 60}", 2)
 
       with subtest("a scheduled deletion shows its stages as timers"):
           switch_to("deleting")
