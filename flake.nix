@@ -43,6 +43,18 @@
         }
         // withPackages {
           package = self.packages.${system}.vmkeeper;
+          # The same lint as scripts/nix-check.sh, for CI that has nixpkgs.
+          nix-lint = (pkgsFor system).runCommand "vmkeeper-nix-lint"
+            {
+              nativeBuildInputs = [
+                (pkgsFor system).deadnix
+                (pkgsFor system).nixpkgs-fmt
+              ];
+            } ''
+            deadnix --fail --no-underscore ${./.}
+            nixpkgs-fmt --check ${./.}
+            touch $out
+          '';
           vm-test = (pkgsFor system).testers.runNixOSTest (import ./nixos/tests/vmkeeper.nix { inherit self; });
         }
       );
