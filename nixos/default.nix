@@ -1,0 +1,248 @@
+# services.vmkeeper: the JSON configuration (validated at build time), the hardened daemon
+# service, the authorized group and the journal catalog. The VMs themselves are transient
+# units that the daemon creates over D-Bus (vmkeeper-vm-<name>.service), so that a switch
+# or a daemon restart never touches a running VM.
+{ config
+, lib
+, pkgs
+, ...
+}:
+
+let
+  cfg = config.services.vmkeeper;
+  jsonFormat = pkgs.formats.json { };
+
+  # Fixed by the service's StateDirectory= and RuntimeDirectory= below.
+  stateDir = "/var/lib/vmkeeper";
+  runtimeDir = "/run/vmkeeper";
+  configPath = "/etc/vmkeeper/config.json";
+
+  hugeDiskGiB = 10240;
+  catalog = cfg.package.catalog or null;
+
+  dropNulls = lib.filterAttrs (_: v: v != null);
+  pathString = p: if p == null then null else toString p;
+
+  vmSettings =
+    vm:
+    dropNulls {
+      inherit (vm)
+        cores
+        memoryMiB
+        memoryLimitMiB
+        diskGiB
+        allowHugeDisk
+        online
+        deleteAt
+        ipAddresses
+        ;
+      image = if vm.image == null then null else dropNulls vm.image;
+      network = vm.network;
+      boot =
+        if vm.boot == null then
+          null
+        else
+          dropNulls {
+            kernel = pathString vm.boot.kernel;
+            initrd = pathString vm.boot.initrd;
+            inherit (vm.boot) append;
+          };
+    };
+
+  generated = dropNulls {
+    inherit (cfg) timezone contacts authorizedGroup;
+    inherit stateDir runtimeDir;
+    notifyCommand = pathString cfg.notifyCommand;
+    maintenance = dropNulls {
+      inherit (cfg.maintenance)
+        window
+        weekdays
+        schedule
+        announceAhead
+        maxParallel
+        expectedDuration
+        blackouts
+        ;
+    };
+    ceph = dropNulls { inherit (cfg.ceph) conf clientId keyring pool; };
+    qemu = {
+      inherit (cfg.qemu)
+        binary
+        accel
+        machine
+        stopTimeout
+        extraArgs
+        ;
+    };
+    vms = lib.mapAttrs (_: vmSettings) cfg.vms;
+  };
+
+  unvalidated = jsonFormat.generate "vmkeeper-config-unvalidated.json" cfg.finalSettings;
+
+  # Like nixpkgs' vector module: a configuration vmkeeper rejects fails the build, so
+  # nixos-rebuild stops before anything on the host changes.
+  validated =
+    pkgs.runCommand "vmkeeper-config.json"
+      {
+        preferLocalBuild = true;
+        nativeBuildInputs = [ cfg.package ];
+      }
+      ''
+        vmkeeper check-config ${unvalidated}
+        cp ${unvalidated} $out
+      '';
+
+  vmAssertions =
+    name: vm:
+    let
+      where = "services.vmkeeper.vms.${name}";
+      sharedIps = lib.filter (ip: lib.any (other: lib.elem ip other.ipAddresses) (otherVms name)) vm.ipAddresses;
+    in
+    [
+      {
+        assertion = builtins.match "[a-z][a-z0-9-]{0,62}" name != null;
+        message = "${where}: the name must be 1 to 63 characters of a-z, 0-9 and '-', starting with a letter";
+      }
+      {
+        assertion = vm.memoryMiB <= vm.memoryLimitMiB;
+        message = "${where}: memoryMiB ${toString vm.memoryMiB} exceeds memoryLimitMiB ${toString vm.memoryLimitMiB} (the customer-facing limit is 64 GiB; an operator may raise memoryLimitMiB up to 131072)";
+      }
+      {
+        assertion = vm.diskGiB < hugeDiskGiB || vm.allowHugeDisk;
+        message = "${where}: diskGiB ${toString vm.diskGiB} is 10 TiB or more and needs allowHugeDisk = true (consider object storage instead)";
+      }
+      {
+        assertion = sharedIps == [ ];
+        message = "${where}: ipAddresses ${lib.concatStringsSep ", " sharedIps} also belong to another VM";
+      }
+    ];
+
+  otherVms = name: lib.attrValues (lib.filterAttrs (other: _: other != name) cfg.vms);
+in
+{
+  imports = [ ./options.nix ];
+
+  config = lib.mkIf cfg.enable {
+    services.vmkeeper = {
+      finalSettings = lib.recursiveUpdate generated cfg.settings;
+      configFile = validated;
+    };
+
+    assertions = lib.concatLists (lib.mapAttrsToList vmAssertions cfg.vms) ++ [
+      {
+        assertion =
+          cfg.maintenance.schedule == null
+            || (cfg.maintenance.window == null && cfg.maintenance.weekdays == null);
+        message = "services.vmkeeper.maintenance: schedule excludes window and weekdays";
+      }
+      {
+        assertion = !(cfg.settings ? stateDir || cfg.settings ? runtimeDir);
+        message = "services.vmkeeper.settings: stateDir and runtimeDir are fixed by the service (${stateDir}, ${runtimeDir})";
+      }
+    ]
+      ++ map
+      (b: {
+        assertion = b.from <= b.to;
+        message = "services.vmkeeper.maintenance.blackouts: ${b.from} to ${b.to} (${b.reason}) ends before it starts";
+      })
+      cfg.maintenance.blackouts;
+
+    warnings = lib.concatLists (
+      lib.mapAttrsToList
+        (
+          name: vm:
+            lib.optional (vm.diskGiB >= hugeDiskGiB && vm.allowHugeDisk)
+              "services.vmkeeper.vms.${name}: a ${toString vm.diskGiB} GiB disk is allowed by allowHugeDisk; object storage is the better home for data of this size"
+        )
+        cfg.vms
+    );
+
+    environment.etc."vmkeeper/config.json".source = cfg.configFile;
+    environment.systemPackages = [ cfg.package ];
+
+    users.groups.${cfg.authorizedGroup} = { };
+
+    # NixOS' journalctl reads catalogs from systemd's own store path and from
+    # /usr/local/lib/systemd/catalog only; the link and --update-catalog (ExecStartPre below)
+    # make `journalctl -x` explain vmkeeper's MESSAGE_IDs.
+    systemd.tmpfiles.rules = lib.optionals (catalog != null) [
+      "d /usr/local/lib/systemd/catalog 0755 root root -"
+      "L+ /usr/local/lib/systemd/catalog/vmkeeper.catalog - - - - ${cfg.package}/${catalog}"
+    ];
+
+    systemd.services.vmkeeper = {
+      description = "vmkeeper: supervisor of the declared VMs";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      # ceph.target orders a local cluster's daemons first; a remote one needs only the network.
+      after = [
+        "network-online.target"
+        "ceph.target"
+      ];
+
+      # A changed configuration is re-read (SIGHUP): nixos-rebuild switch reloads instead of
+      # restarting. A new binary restarts the daemon, which leaves the VM units running.
+      reloadTriggers = [ cfg.configFile ];
+
+      serviceConfig = {
+        Type = "notify";
+        NotifyAccess = "main";
+        # "+": the catalog database under /var/lib/systemd is outside the sandbox below.
+        ExecStartPre = lib.optional (catalog != null) "+${config.systemd.package}/bin/journalctl --update-catalog";
+        ExecStart = "${lib.getExe cfg.package} daemon --config ${configPath}";
+        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+        Restart = "on-failure";
+        RestartSec = "5s";
+
+        StateDirectory = "vmkeeper";
+        StateDirectoryMode = "0700";
+        RuntimeDirectory = "vmkeeper";
+        RuntimeDirectoryMode = "0755";
+        # QMP sockets and serial logs of running VMs live here; they outlive the daemon.
+        RuntimeDirectoryPreserve = "yes";
+        UMask = "0022";
+
+        # Root, because it creates units through systemd's D-Bus API and reads the Ceph
+        # keyring; everything else is taken away.
+        CapabilityBoundingSet = [
+          "CAP_CHOWN"
+          "CAP_DAC_OVERRIDE"
+          "CAP_DAC_READ_SEARCH"
+          "CAP_FOWNER"
+          "CAP_KILL"
+        ];
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        # librados may put its admin socket and log there; both are optional.
+        ReadWritePaths = [
+          "-/run/ceph"
+          "-/var/log/ceph"
+        ];
+        ProtectHome = true;
+        PrivateTmp = true;
+        DevicePolicy = "closed";
+        DeviceAllow = [ "/dev/kvm rw" ];
+        ProtectClock = true;
+        ProtectControlGroups = true;
+        ProtectHostname = true;
+        ProtectKernelLogs = true;
+        ProtectKernelModules = true;
+        ProtectKernelTunables = true;
+        RestrictAddressFamilies = [
+          "AF_UNIX"
+          "AF_INET"
+          "AF_INET6"
+          "AF_NETLINK"
+        ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [ "@system-service" ];
+        SystemCallErrorNumber = "EPERM";
+      };
+    };
+  };
+}

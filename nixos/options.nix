@@ -1,0 +1,405 @@
+# Options of services.vmkeeper. They mirror the JSON configuration (docs/usage/configuration.md)
+# key for key; the implementation in ./default.nix turns them into that file.
+{ config
+, lib
+, pkgs
+, ...
+}:
+
+let
+  inherit (lib) literalExpression mkEnableOption mkOption types;
+
+  cfg = config.services.vmkeeper;
+  jsonFormat = pkgs.formats.json { };
+
+  date = types.strMatching "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])" // {
+    description = "date (YYYY-MM-DD)";
+  };
+  duration = types.strMatching "([0-9]+ *[a-z]+ *)+" // {
+    description = "duration (such as \"24h\", \"90m\" or \"1h 30m\")";
+  };
+  clock = "([01][0-9]|2[0-3]):[0-5][0-9]";
+  window = types.strMatching "${clock}-${clock}" // {
+    description = "window (\"HH:MM-HH:MM\")";
+  };
+  absolutePath = types.strMatching "/.*" // {
+    description = "absolute path";
+  };
+  weekday = types.enum [
+    "mon"
+    "tue"
+    "wed"
+    "thu"
+    "fri"
+    "sat"
+    "sun"
+  ];
+
+  blackoutOptions = {
+    options = {
+      from = mkOption {
+        type = date;
+        description = "First local date (inclusive) on which no maintenance is scheduled.";
+      };
+      to = mkOption {
+        type = date;
+        description = "Last local date (inclusive) on which no maintenance is scheduled.";
+      };
+      reason = mkOption {
+        type = types.str;
+        description = "Why nothing is scheduled; shown in `vmkeeper plan`.";
+      };
+    };
+  };
+
+  maintenanceOptions = {
+    options = {
+      window = mkOption {
+        type = types.nullOr window;
+        default = null;
+        defaultText = literalExpression ''null # vmkeeper uses "22:00-05:00"'';
+        example = "23:00-04:00";
+        description = ''
+          Daily maintenance window in local wall-clock time of {option}`services.vmkeeper.timezone`.
+          An end at or before the start crosses midnight. Exclusive with `schedule`.
+        '';
+      };
+      weekdays = mkOption {
+        type = types.nullOr (types.listOf weekday);
+        default = null;
+        defaultText = literalExpression "null # all seven days";
+        example = [
+          "tue"
+          "thu"
+        ];
+        description = "Days on which a window starts. Exclusive with `schedule`.";
+      };
+      schedule = mkOption {
+        type = types.nullOr (
+          types.submodule {
+            options = {
+              cron = mkOption {
+                type = types.str;
+                example = "0 0 23 * * Tue,Thu *";
+                description = "Cron expression (seconds first) giving window starts, in the host's maintenance time zone.";
+              };
+              length = mkOption {
+                type = duration;
+                example = "5h";
+                description = "Length of each window.";
+              };
+            };
+          }
+        );
+        default = null;
+        description = "Window starts from a cron expression, instead of `window` and `weekdays`.";
+      };
+      announceAhead = mkOption {
+        type = duration;
+        default = "24h";
+        description = "A maintenance slot starts no sooner than this after it is announced.";
+      };
+      maxParallel = mkOption {
+        type = types.ints.positive;
+        default = 1;
+        description = "How many VMs of this host may be in maintenance at the same time.";
+      };
+      expectedDuration = mkOption {
+        type = duration;
+        default = "15m";
+        description = "Planned length of one maintenance reboot; all of it must fit in one window.";
+      };
+      blackouts = mkOption {
+        type = types.listOf (types.submodule blackoutOptions);
+        default = [ ];
+        example = literalExpression ''
+          [ { from = "2026-12-23"; to = "2027-01-02"; reason = "holiday freeze"; } ]
+        '';
+        description = "Date ranges on which no maintenance is scheduled.";
+      };
+    };
+  };
+
+  vmOptions =
+    { name, ... }:
+    {
+      options = {
+        cores = mkOption {
+          type = types.ints.between 1 12;
+          example = 2;
+          description = "Virtual CPUs. A change is applied by a maintenance reboot.";
+        };
+        memoryMiB = mkOption {
+          type = types.ints.between 1024 131072;
+          example = 4096;
+          description = ''
+            RAM in MiB, at most `memoryLimitMiB`. A change is applied by a maintenance reboot.
+          '';
+        };
+        memoryLimitMiB = mkOption {
+          type = types.ints.between 65536 131072;
+          default = 65536;
+          description = ''
+            Operator override of the customer-facing 64 GiB limit for this VM's `memoryMiB`.
+          '';
+        };
+        diskGiB = mkOption {
+          type = types.addCheck types.int (n: n >= 30) // {
+            description = "integer of at least 30";
+          };
+          example = 50;
+          description = ''
+            Size of the RBD disk `${name}` in GiB. Growing is applied live. **Disks never
+            shrink:** a smaller value is refused and nothing changes.
+          '';
+        };
+        allowHugeDisk = mkOption {
+          type = types.bool;
+          default = false;
+          description = "Operator acknowledgement for a disk of 10 TiB (10240 GiB) and more.";
+        };
+        online = mkOption {
+          type = types.bool;
+          default = true;
+          description = "Whether the VM runs. `false` stops it as a planned stop and keeps it stopped.";
+        };
+        deleteAt = mkOption {
+          type = types.nullOr date;
+          default = null;
+          example = "2027-03-01";
+          description = ''
+            Local date on which the VM is shut down; its disk goes three days later.
+            See the deletion lifecycle in docs/usage/deletion.md.
+          '';
+        };
+        ipAddresses = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [ "192.0.2.10" ];
+          description = "IPv4/IPv6 addresses of the VM; unique across the host's VMs.";
+        };
+        image = mkOption {
+          type = types.nullOr (
+            types.submodule {
+              options = {
+                pool = mkOption {
+                  type = types.nullOr types.str;
+                  default = null;
+                  description = "Pool of the base image; the disk pool when null.";
+                };
+                name = mkOption {
+                  type = types.str;
+                  description = "RBD image to clone the disk from.";
+                };
+                snapshot = mkOption {
+                  type = types.str;
+                  description = "Snapshot of that image.";
+                };
+              };
+            }
+          );
+          default = null;
+          description = "Base image the disk is cloned from; an empty thin disk when null.";
+        };
+        network = mkOption {
+          type = types.nullOr (
+            types.submodule {
+              options = {
+                bridge = mkOption {
+                  type = types.str;
+                  example = "br0";
+                  description = "Host bridge the VM's virtio-net NIC is attached to.";
+                };
+                macAddress = mkOption {
+                  type = types.strMatching "52:54:00(:[0-9a-fA-F]{2}){3}";
+                  example = "52:54:00:12:34:56";
+                  description = "MAC address of the NIC, in QEMU's locally administered range.";
+                };
+              };
+            }
+          );
+          default = null;
+          description = "One NIC on a host bridge; no NIC when null.";
+        };
+        boot = mkOption {
+          type = types.nullOr (
+            types.submodule {
+              options = {
+                kernel = mkOption {
+                  type = types.path;
+                  description = "Kernel image for direct kernel boot.";
+                };
+                initrd = mkOption {
+                  type = types.nullOr types.path;
+                  default = null;
+                  description = "Initial ramdisk.";
+                };
+                append = mkOption {
+                  type = types.nullOr types.str;
+                  default = null;
+                  description = "Kernel command line.";
+                };
+              };
+            }
+          );
+          default = null;
+          description = "Direct kernel boot; the VM boots from its disk when null.";
+        };
+      };
+    };
+in
+{
+  options.services.vmkeeper = {
+    enable = mkEnableOption "vmkeeper, the supervisor of this host's declared VMs";
+
+    package = mkOption {
+      type = types.package;
+      defaultText = literalExpression "vmkeeper.packages.\${system}.default # set by the flake's nixosModules.default";
+      description = "The vmkeeper package.";
+    };
+
+    timezone = mkOption {
+      type = types.strMatching "[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*";
+      default = "Europe/Berlin";
+      description = ''
+        IANA time zone of maintenance windows, blackouts and deletion dates. Independent
+        of `time.timeZone`: these are times promised to the VMs' users.
+      '';
+    };
+
+    maintenance = mkOption {
+      type = types.submodule maintenanceOptions;
+      default = { };
+      description = "The maintenance policy: when reboots that apply changes may happen.";
+    };
+
+    contacts = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "ops@example.com" ];
+      description = "Technical contacts that announcements go to.";
+    };
+
+    notifyCommand = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = literalExpression ''
+        pkgs.writeShellScript "vmkeeper-notify" '''
+          ''${pkgs.jq}/bin/jq -c . | ''${pkgs.util-linux}/bin/logger -t vmkeeper-notify
+        '''
+      '';
+      description = "Executable run with one JSON event on stdin for every announcement and alarm.";
+    };
+
+    authorizedGroup = mkOption {
+      type = types.strMatching "[a-z_][a-z0-9_-]*";
+      default = "sudo-srv";
+      description = ''
+        Group whose members (and root) may reboot at once, request maintenance and delete
+        VMs through `vmkeeper`. The module creates it.
+      '';
+    };
+
+    ceph = {
+      conf = mkOption {
+        type = absolutePath;
+        default = "/etc/ceph/ceph.conf";
+        description = "Ceph configuration file.";
+      };
+      clientId = mkOption {
+        type = types.str;
+        default = "admin";
+        description = "Ceph client id (without `client.`).";
+      };
+      keyring = mkOption {
+        type = types.nullOr absolutePath;
+        default = null;
+        description = "Keyring of that client; librados finds it through `conf` when null.";
+      };
+      pool = mkOption {
+        type = types.str;
+        default = "rbd";
+        description = "Pool holding the VMs' disks.";
+      };
+    };
+
+    qemu = {
+      package = mkOption {
+        type = types.package;
+        default = pkgs.qemu_kvm.override { cephSupport = true; };
+        defaultText = literalExpression "pkgs.qemu_kvm.override { cephSupport = true; }";
+        description = "QEMU, built with the RBD block driver (nixpkgs' default build lacks it).";
+      };
+      binary = mkOption {
+        type = absolutePath;
+        default = "${cfg.qemu.package}/bin/qemu-system-${pkgs.stdenv.hostPlatform.qemuArch}";
+        defaultText = literalExpression ''"''${config.services.vmkeeper.qemu.package}/bin/qemu-system-''${pkgs.stdenv.hostPlatform.qemuArch}"'';
+        description = "QEMU system emulator the VM units run.";
+      };
+      accel = mkOption {
+        type = types.enum [
+          "kvm"
+          "tcg"
+        ];
+        default = "kvm";
+        description = "Accelerator; `tcg` only for hosts whose KVM is unusable.";
+      };
+      machine = mkOption {
+        type = types.str;
+        default = if pkgs.stdenv.hostPlatform.isx86 then "q35" else "virt";
+        defaultText = literalExpression ''if pkgs.stdenv.hostPlatform.isx86 then "q35" else "virt"'';
+        description = "QEMU machine type.";
+      };
+      stopTimeout = mkOption {
+        type = duration;
+        default = "60s";
+        description = "How long a graceful `system_powerdown` may take before harder means.";
+      };
+      extraArgs = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        description = "Arguments appended to every QEMU command line.";
+      };
+    };
+
+    vms = mkOption {
+      type = types.attrsOf (types.submodule vmOptions);
+      default = { };
+      example = literalExpression ''
+        {
+          web01 = { cores = 2; memoryMiB = 4096; diskGiB = 50; ipAddresses = [ "192.0.2.10" ]; };
+        }
+      '';
+      description = ''
+        The declared VMs, by name (1 to 63 of `a-z`, `0-9` and `-`, starting with a
+        letter). Removing a VM schedules its deletion for the earliest allowed date.
+      '';
+    };
+
+    settings = mkOption {
+      type = types.submodule { freeformType = jsonFormat.type; };
+      default = { };
+      example = {
+        vms.web01.boot.append = "console=ttyS0";
+      };
+      description = ''
+        Further keys of the JSON configuration, merged recursively over the ones generated
+        from the options above (see docs/usage/configuration.md). Unknown keys make
+        `nixos-rebuild` fail: the file is validated with `vmkeeper check-config` at build time.
+      '';
+    };
+
+    configFile = mkOption {
+      type = types.path;
+      readOnly = true;
+      description = "The generated and validated configuration file, /etc/vmkeeper/config.json.";
+    };
+
+    finalSettings = mkOption {
+      type = jsonFormat.type;
+      readOnly = true;
+      internal = true;
+      description = "The JSON document written to {option}`services.vmkeeper.configFile`.";
+    };
+  };
+}
