@@ -8,9 +8,11 @@
 pub mod cli;
 pub mod config;
 pub mod deletion;
+pub mod events;
 pub mod exec;
 pub mod localtime;
 pub mod maintenance;
 pub mod model;
 pub mod plan;
+pub mod render;
 pub mod state;

@@ -1,4 +1,5 @@
 //! Edges: the only code that talks to QEMU, Ceph, systemd and the notification hook.
 
+pub mod notify;
 pub mod qmp;
 pub mod rbd;
