@@ -5,6 +5,7 @@
 //! no clock, no I/O, no async. Everything that touches the world lives in `exec` and is
 //! driven by the daemon.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod deletion;

@@ -1,0 +1,290 @@
+//! The daemon's local API: one JSON request and one JSON response per connection on a Unix
+//! socket. The caller's identity comes from the kernel (SO_PEERCRED), never from the request.
+
+use std::ffi::{CStr, CString};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// The API socket's name inside the runtime directory.
+pub const SOCKET: &str = "api.sock";
+
+/// The longest request accepted; requests are tiny, so anything bigger is garbage.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Every VM's state.
+    Status,
+}
+
+impl Request {
+    /// Whether the request changes anything (and so needs the authorized group).
+    pub fn is_mutating(&self) -> bool {
+        match self {
+            Request::Status => false,
+        }
+    }
+}
+
+/// A response: the command's JSON result or an error message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Response {
+    /// Success.
+    Ok(serde_json::Value),
+    /// Refused or failed, with the reason.
+    Error(String),
+}
+
+/// Who is calling, as the kernel says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Caller {
+    /// User id.
+    pub uid: u32,
+    /// User name, when the uid has one.
+    pub user: Option<String>,
+    /// Whether the caller is root or in the authorized group.
+    pub authorized: bool,
+}
+
+/// Why the API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Binding the socket failed.
+    #[error("cannot listen on {}", path.display())]
+    Bind {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting to the daemon failed.
+    #[error("cannot reach the vmkeeper daemon at {} (is it running?)", path.display())]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Sending or receiving failed.
+    #[error("talking to the vmkeeper daemon failed")]
+    Io(#[source] std::io::Error),
+    /// The peer sent something that is not a request or response.
+    #[error("malformed message")]
+    Malformed(#[source] serde_json::Error),
+}
+
+/// Binds the API socket, replacing a stale one; everyone may connect, authorization is
+/// per request.
+pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
+    let bind = || -> std::io::Result<UnixListener> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let l = UnixListener::bind(path)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        Ok(l)
+    };
+    bind().map_err(|source| ApiError::Bind {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Reads one request from an accepted connection, with the caller's identity.
+pub async fn read_request(
+    stream: &mut UnixStream,
+    authorized_group: &str,
+) -> Result<(Request, Caller), ApiError> {
+    let cred = stream.peer_cred().map_err(ApiError::Io)?;
+    let caller = identify(cred.uid(), authorized_group);
+    let mut line = String::new();
+    let mut reader = BufReader::new((&mut *stream).take(MAX_REQUEST));
+    reader.read_line(&mut line).await.map_err(ApiError::Io)?;
+    let req = serde_json::from_str(&line).map_err(ApiError::Malformed)?;
+    Ok((req, caller))
+}
+
+/// Writes the response to an accepted connection.
+pub async fn write_response(stream: &mut UnixStream, resp: &Response) -> Result<(), ApiError> {
+    let mut json = serde_json::to_vec(resp).map_err(ApiError::Malformed)?;
+    json.push(b'\n');
+    stream.write_all(&json).await.map_err(ApiError::Io)?;
+    stream.shutdown().await.map_err(ApiError::Io)
+}
+
+/// Sends one request to the daemon and waits for its response.
+pub async fn call(path: &Path, req: &Request) -> Result<Response, ApiError> {
+    let mut s = UnixStream::connect(path)
+        .await
+        .map_err(|source| ApiError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+    let mut json = serde_json::to_vec(req).map_err(ApiError::Malformed)?;
+    json.push(b'\n');
+    s.write_all(&json).await.map_err(ApiError::Io)?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .await
+        .map_err(ApiError::Io)?;
+    serde_json::from_str(&line).map_err(ApiError::Malformed)
+}
+
+/// The caller's name and whether it is root or a member of `group` (primary or
+/// supplementary, as the group database says now).
+pub fn identify(uid: u32, group: &str) -> Caller {
+    let user = user_name(uid);
+    let authorized = uid == 0
+        || match (&user, group_id(group)) {
+            (Some(name), Some(gid)) => groups_of(name, uid).contains(&gid),
+            _ => false,
+        };
+    Caller {
+        uid,
+        user,
+        authorized,
+    }
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: passwd is plain old data that getpwuid_r fills in.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call and buf's length is passed with it.
+    let rc = unsafe {
+        libc::getpwuid_r(
+            uid,
+            &mut pw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    // SAFETY: on success pw_name points to a NUL-terminated string inside buf, alive here.
+    Some(
+        unsafe { CStr::from_ptr(pw.pw_name) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+fn group_id(name: &str) -> Option<u32> {
+    let cname = CString::new(name).ok()?;
+    let mut buf = vec![0u8; 64 * 1024];
+    // SAFETY: group is plain old data that getgrnam_r fills in.
+    let mut gr: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call and buf's length is passed with it.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut gr,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    (rc == 0 && !result.is_null()).then_some(gr.gr_gid)
+}
+
+fn groups_of(user: &str, uid: u32) -> Vec<u32> {
+    let Ok(cuser) = CString::new(user) else {
+        return vec![];
+    };
+    let primary = primary_gid(uid).unwrap_or(u32::MAX);
+    let mut n: libc::c_int = 64;
+    loop {
+        let mut groups = vec![0 as libc::gid_t; n as usize];
+        let mut count = n;
+        // SAFETY: groups holds `count` entries; getgrouplist writes at most that many and
+        // sets count to the number it needs.
+        let rc =
+            unsafe { libc::getgrouplist(cuser.as_ptr(), primary, groups.as_mut_ptr(), &mut count) };
+        if rc >= 0 {
+            groups.truncate(count.max(0) as usize);
+            return groups;
+        }
+        if count <= n || count > 65_536 {
+            return vec![];
+        }
+        n = count;
+    }
+}
+
+fn primary_gid(uid: u32) -> Option<u32> {
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: as in user_name.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: as in user_name.
+    let rc = unsafe {
+        libc::getpwuid_r(
+            uid,
+            &mut pw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    (rc == 0 && !result.is_null()).then_some(pw.pw_gid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_is_authorized_and_unknown_users_are_not() {
+        let root = identify(0, "sudo-srv");
+        assert_eq!(root.user.as_deref(), Some("root"));
+        assert!(root.authorized);
+        let nobody = identify(65534, "sudo-srv");
+        assert!(!nobody.authorized);
+        // A member of the group (root's primary group) is authorized through the group.
+        assert!(identify(0, "root").authorized);
+        let ghost = identify(4_000_000, "root");
+        assert_eq!(ghost.user, None);
+        assert!(!ghost.authorized);
+    }
+
+    #[tokio::test]
+    async fn a_request_round_trips_with_the_kernels_idea_of_the_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SOCKET);
+        let listener = bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let (req, caller) = read_request(&mut s, "sudo-srv").await.unwrap();
+            write_response(
+                &mut s,
+                &Response::Ok(serde_json::json!({ "uid": caller.uid })),
+            )
+            .await
+            .unwrap();
+            req
+        });
+        let resp = call(&path, &Request::Status).await.unwrap();
+        // SAFETY: getuid has no preconditions.
+        let me = unsafe { libc::getuid() };
+        assert_eq!(resp, Response::Ok(serde_json::json!({ "uid": me })));
+        assert_eq!(server.await.unwrap(), Request::Status);
+    }
+}
