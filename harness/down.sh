@@ -19,7 +19,7 @@ STOP_TIMEOUT=${VMKEEPER_HARNESS_STOP_TIMEOUT:-20}
 T0=$(date +%s%N)
 
 # is pid $1 still a process whose command line contains $2? (guards against pid reuse)
-ours() { [ -n "$1" ] && tr '\0' ' ' < "/proc/$1/cmdline" 2> /dev/null | grep -qF -- "$2"; }
+ours() { [ -n "$1" ] && tr '\0' ' ' 2> /dev/null < "/proc/$1/cmdline" | grep -qF -- "$2"; }
 # a zombie counts as gone: its parent may be long dead
 alive() { [ -e "/proc/$1" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2> /dev/null; }
 # gone "PIDS" TENTHS: wait up to TENTHS/10 s until none of PIDS is alive
