@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # down.sh DIR: tear down what harness/up.sh DIR started, and remove DIR.
 #
-#  1. the private systemd is asked to power off (SIGRTMIN+4): it stops its units (QEMU units
+#  1. everything harness/run.sh's command left running is killed (it runs in a cgroup of its
+#     own, so this catches orphans and daemons whatever their names);
+#  2. the private systemd is asked to power off (SIGRTMIN+4): it stops its units (QEMU units
 #     get SIGTERM) and exits; after VMKEEPER_HARNESS_STOP_TIMEOUT seconds it is killed, and
 #     with it every process of its pid namespace;
-#  2. every process still running whose command line names DIR (QEMUs started by tests, the
+#  3. every process still running whose command line names DIR (QEMUs started by tests, the
 #     Ceph daemons, a KVM probe, clients) is killed: DIR is unique to this harness, so this
 #     never touches anything else;
-#  3. the cgroup subtree is removed, anything mounted below DIR is unmounted, DIR is deleted
-#     (VMKEEPER_HARNESS_KEEP=1 keeps DIR for its logs).
+#  4. the cgroup subtrees are removed, anything mounted below DIR is unmounted, DIR is
+#     deleted (VMKEEPER_HARNESS_KEEP=1 keeps DIR for its logs).
 # Safe to run twice and after a partial up.sh.
 set -uo pipefail
 
@@ -34,7 +36,25 @@ gone() {
   return 1
 }
 
-# ---- 1. systemd
+# ---- 1. what harness/run.sh's command left behind (its own cgroup)
+kill_cgroup() {
+  local cg=$1 p
+  [ -n "$cg" ] && [ -d "$cg" ] || return 0
+  if [ -e "$cg/cgroup.kill" ]; then
+    echo 1 > "$cg/cgroup.kill" 2> /dev/null
+  else
+    while read -r p; do kill -KILL "$p" 2> /dev/null; done < "$cg/cgroup.procs"
+  fi
+  for _ in $(seq 1 50); do
+    find "$cg" -depth -type d -exec rmdir {} \; 2> /dev/null
+    [ -d "$cg" ] || return 0
+    sleep 0.1
+  done
+  echo "harness/down.sh: could not remove $cg" >&2
+}
+kill_cgroup "$(cat "$DIR/cmd-cgroup" 2> /dev/null)"
+
+# ---- 2. systemd
 SDPID=$(cat "$DIR/systemd/pid" 2> /dev/null || true)
 UNSHARE_PID=$(cat "$DIR/systemd/unshare.pid" 2> /dev/null || true)
 if ours "$SDPID" "systemd --system --unit=harness.target"; then
@@ -48,7 +68,7 @@ if ours "$UNSHARE_PID" "$DIR/systemd/ns-init.sh"; then
   gone "$UNSHARE_PID" 50 || kill -KILL "$UNSHARE_PID" 2> /dev/null
 fi
 
-# ---- 2. everything else that names DIR (but not this script or its callers)
+# ---- 3. everything else that names DIR (but not this script or its callers)
 ancestors=" "
 p=$$
 while [ -n "$p" ] && [ "$p" -gt 1 ]; do
@@ -56,28 +76,19 @@ while [ -n "$p" ] && [ "$p" -gt 1 ]; do
   p=$(awk '/^PPid:/ {print $2}' "/proc/$p/status" 2> /dev/null)
 done
 victims=()
-for d in /proc/[0-9]*; do
-  p=${d#/proc/}
+for f in $(grep -laF -- "$DIR/" /proc/[0-9]*/cmdline 2> /dev/null); do
+  p=${f#/proc/}
+  p=${p%/cmdline}
   case $ancestors in *" $p "*) continue ;; esac
-  ours "$p" "$DIR/" && victims+=("$p")
+  victims+=("$p")
 done
 if [ ${#victims[@]} -gt 0 ]; then
   kill -KILL "${victims[@]}" 2> /dev/null
   gone "${victims[*]}" 100 || echo "harness/down.sh: still running: ${victims[*]}" >&2
 fi
 
-# ---- 3. cgroup, mounts, files
-CGDIR=$(cat "$DIR/cgroup" 2> /dev/null || true)
-if [ -n "$CGDIR" ] && [ -d "$CGDIR" ]; then
-  # cgroup.kill catches anything that escaped the pid namespace kill
-  [ -e "$CGDIR/cgroup.kill" ] && echo 1 > "$CGDIR/cgroup.kill" 2> /dev/null
-  for _ in $(seq 1 50); do
-    find "$CGDIR" -depth -type d -exec rmdir {} \; 2> /dev/null
-    [ -d "$CGDIR" ] || break
-    sleep 0.1
-  done
-  [ -d "$CGDIR" ] && echo "harness/down.sh: could not remove $CGDIR" >&2
-fi
+# ---- 4. cgroup, mounts, files (cgroup.kill catches anything that escaped the pid namespace)
+kill_cgroup "$(cat "$DIR/cgroup" 2> /dev/null)"
 findmnt -rn -o TARGET | grep -F -- "$DIR" | sort -r | while read -r m; do umount -l "$m"; done
 
 echo "harness: down in $((($(date +%s%N) - T0) / 1000000)) ms" >&2

@@ -53,9 +53,23 @@ set -a
 . "$DIR/env"
 set +a
 
+# CMD runs in a cgroup of its own, so that teardown also ends what it left behind (daemons,
+# orphans, a QEMU whose test died), whatever their names or sessions.
+CMD_CGROUP=
+for root in /sys/fs/cgroup /sys/fs/cgroup/unified; do
+  if [ "$(stat -fc %T "$root" 2> /dev/null)" = cgroup2fs ]; then
+    CMD_CGROUP=$root/vmkeeper-harness-$(basename "$DIR").cmd
+    mkdir "$CMD_CGROUP" && echo "$CMD_CGROUP" > "$DIR/cmd-cgroup" || CMD_CGROUP=
+    break
+  fi
+done
+
 # In the background so that a signal to this script is handled at once; the explicit stdin
 # keeps an interactive CMD usable (background jobs otherwise read /dev/null).
-"$@" <&0 &
+(
+  [ -z "$CMD_CGROUP" ] || echo "$BASHPID" > "$CMD_CGROUP/cgroup.procs"
+  exec "$@"
+) <&0 &
 CHILD=$!
 wait "$CHILD"
 exit $?
