@@ -361,7 +361,8 @@ impl Qmp {
         Ok(qmp)
     }
 
-    /// The event stream of this connection; `None` after the first call.
+    /// The event stream of this connection; `None` after the first call. Events are queued
+    /// from connect on until taken (QEMU sends few), so none is lost in between.
     pub fn take_events(&mut self) -> Option<QmpEvents> {
         self.events.take()
     }
@@ -483,21 +484,37 @@ impl Qmp {
             Some(map) => map.insert(id, tx),
             None => return Err(CommandError::Disconnected),
         };
+        // Forgets the waiter however this call ends: reply, timeout, or the caller dropping
+        // this future.
+        let _forget = Forget {
+            pending: &self.pending,
+            id,
+        };
         let timeout = self.options.command_timeout;
         let outcome = tokio::time::timeout(timeout, async {
-            self.writer
-                .lock()
-                .await
-                .write_all(&line)
-                .await
-                .map_err(CommandError::Write)?;
+            // One write_all of a short line: on a unix socket it does not end half-written
+            // in practice, so a timeout here does not garble the stream.
+            let mut writer = self.writer.lock().await;
+            writer.write_all(&line).await.map_err(CommandError::Write)?;
+            drop(writer);
             rx.await.map_err(|_| CommandError::Disconnected)?
         })
         .await;
-        if let Some(map) = lock(&self.pending).as_mut() {
-            map.remove(&id);
-        }
         outcome.map_err(|_| CommandError::Timeout(timeout))?
+    }
+}
+
+/// Removes a command's reply slot when the command is over.
+struct Forget<'a> {
+    pending: &'a Pending,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Some(map) = lock(self.pending).as_mut() {
+            map.remove(&self.id);
+        }
     }
 }
 
