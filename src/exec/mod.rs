@@ -2,3 +2,4 @@
 
 pub mod qmp;
 pub mod rbd;
+pub mod systemd;
