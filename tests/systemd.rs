@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use vmkeeper::exec::systemd::{
-    ActiveState, JobResult, KillWhom, MainExit, Subscription, Systemd, SystemdEvent, TimerTrigger,
-    TransientService, TransientTimer,
+    ActiveState, JobResult, KillWhom, MainExit, PropertyValue, Subscription, Systemd, SystemdEvent,
+    TimerTrigger, TransientService, TransientTimer,
 };
 
 // LEAD: replace this module with `mod support;` once tests/support/mod.rs from the harness
@@ -338,6 +338,13 @@ async fn failing_process_leaves_a_failed_unit_with_its_exit_status() {
         sd.start_service(&service).await.expect("start again"),
         JobResult::Done
     );
+    wait_event(
+        &mut events,
+        "failed again",
+        state_change(&name, ActiveState::Failed),
+    )
+    .await;
+    sd.reset_failed(&name).await.expect("reset-failed");
 }
 
 #[tokio::test]
@@ -359,6 +366,73 @@ async fn killed_main_process_is_reported_with_its_signal() {
     assert_eq!(details.main_exit, MainExit::Killed(libc::SIGKILL));
     assert_eq!(details.result, "signal");
     sd.reset_failed(&name).await.expect("reset-failed");
+}
+
+#[tokio::test]
+async fn extra_properties_of_every_value_type_take_effect() {
+    let sd = connect().await;
+    let name = unit("hardened", "service");
+    let dir = harness().scratch("hardened");
+    let dir = dir.to_str().expect("utf-8 path").to_owned();
+    let mut service = sleeper(&name);
+    service.working_directory = Some(dir.clone().into());
+    let strs = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    service.properties = vec![
+        ("ProtectSystem".into(), PropertyValue::Str("strict".into())),
+        ("ReadWritePaths".into(), PropertyValue::Strs(strs(&[&dir]))),
+        ("NoNewPrivileges".into(), PropertyValue::Bool(true)),
+        ("LimitNOFILE".into(), PropertyValue::U64(4096)),
+        ("Nice".into(), PropertyValue::I32(5)),
+        (
+            "DeviceAllow".into(),
+            PropertyValue::Pairs(vec![("/dev/null".into(), "rw".into())]),
+        ),
+        (
+            "SystemCallFilter".into(),
+            PropertyValue::FlaggedStrs(true, strs(&["@system-service"])),
+        ),
+        (
+            "RestrictAddressFamilies".into(),
+            PropertyValue::FlaggedStrs(true, strs(&["AF_UNIX", "AF_INET"])),
+        ),
+    ];
+    assert_eq!(
+        sd.start_service(&service).await.expect("start"),
+        JobResult::Done
+    );
+
+    let keys = "ProtectSystem,ReadWritePaths,NoNewPrivileges,LimitNOFILE,Nice,DeviceAllow,\
+                SystemCallFilter,RestrictAddressFamilies,WorkingDirectory,KillMode,Restart,\
+                TimeoutStopUSec,SendSIGKILL";
+    let shown = stdout(&harness().systemctl(&["show", "-p", keys, &name]));
+    for expected in [
+        "ProtectSystem=strict".to_owned(),
+        format!("ReadWritePaths={dir}"),
+        "NoNewPrivileges=yes".to_owned(),
+        "LimitNOFILE=4096".to_owned(),
+        "Nice=5".to_owned(),
+        "DeviceAllow=/dev/null rw".to_owned(),
+        "RestrictAddressFamilies=AF_INET AF_UNIX".to_owned(),
+        format!("WorkingDirectory={dir}"),
+        "KillMode=mixed".to_owned(),
+        "Restart=no".to_owned(),
+        "TimeoutStopUSec=5s".to_owned(),
+        "SendSIGKILL=yes".to_owned(),
+    ] {
+        assert!(
+            shown.lines().any(|l| l == expected),
+            "no {expected} in:\n{shown}"
+        );
+    }
+    let filter = shown
+        .lines()
+        .find(|l| l.starts_with("SystemCallFilter="))
+        .expect("a filter");
+    assert!(
+        filter.contains("openat") && !filter.starts_with("SystemCallFilter=~"),
+        "{filter}"
+    );
+    assert_eq!(sd.stop_unit(&name).await.expect("stop"), JobResult::Done);
 }
 
 #[tokio::test]
