@@ -3,3 +3,4 @@
 pub mod notify;
 pub mod qmp;
 pub mod rbd;
+pub mod systemd;
