@@ -13,67 +13,7 @@ use vmkeeper::exec::systemd::{
     TimerTrigger, TransientService, TransientTimer,
 };
 
-// LEAD: replace this module with `mod support;` once tests/support/mod.rs from the harness
-// branch is merged; the names used below (harness(), dbus_address, inside(), systemctl(),
-// scratch()) are the same there.
-mod support {
-    use std::path::PathBuf;
-    use std::process::{Command, Output};
-    use std::sync::OnceLock;
-
-    const HOW_TO_RUN: &str =
-        "integration tests need the vmkeeper harness: run them as root under `harness/run.sh`";
-
-    pub struct Harness {
-        pub dbus_address: String,
-        pub nsenter: Vec<String>,
-    }
-
-    pub fn harness() -> &'static Harness {
-        static HARNESS: OnceLock<Harness> = OnceLock::new();
-        HARNESS.get_or_init(|| {
-            let var = |name: &str| {
-                std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: {HOW_TO_RUN}"))
-            };
-            Harness {
-                dbus_address: var("DBUS_SYSTEM_BUS_ADDRESS"),
-                nsenter: var("VMKEEPER_NSENTER")
-                    .split_whitespace()
-                    .map(String::from)
-                    .collect(),
-            }
-        })
-    }
-
-    impl Harness {
-        pub fn inside(&self, program: &str, args: &[&str]) -> Command {
-            let mut cmd = match self.nsenter.split_first() {
-                Some((first, rest)) => {
-                    let mut c = Command::new(first);
-                    c.args(rest).arg("--").arg(program);
-                    c
-                }
-                None => Command::new(program),
-            };
-            cmd.args(args);
-            cmd
-        }
-
-        pub fn systemctl(&self, args: &[&str]) -> Output {
-            self.inside("systemctl", args)
-                .output()
-                .expect("run systemctl inside the harness")
-        }
-
-        pub fn scratch(&self, name: &str) -> PathBuf {
-            tempfile::Builder::new()
-                .prefix(&format!("{name}."))
-                .tempdir()
-                .expect("create a scratch directory")
-                .keep()
-        }
-    }
-}
+mod support;
 
 use support::harness;
 
@@ -170,12 +110,12 @@ async fn started_service_is_listed_active_with_its_main_pid() {
     // The pid is in the manager's pid namespace: look at it from there.
     let pid = details.main_pid.expect("a running service has a main pid");
     let cmdline = harness()
-        .inside("cat", &[&format!("/proc/{pid}/cmdline")])
+        .inside("cat", [&format!("/proc/{pid}/cmdline")])
         .output()
         .expect("read the main process's command line");
     assert_eq!(stdout(&cmdline), "/bin/sleep\u{0}300\u{0}");
     let environ = harness()
-        .inside("cat", &[&format!("/proc/{pid}/environ")])
+        .inside("cat", [&format!("/proc/{pid}/environ")])
         .output()
         .expect("read the main process's environment");
     assert!(stdout(&environ).contains(&format!("VMKEEPER_VM={name}")));
