@@ -45,6 +45,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the supervisor: make the host's VMs match the configuration.
+    Daemon {
+        /// The JSON configuration; SIGHUP re-reads it.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show every VM's state as the daemon sees it.
+    Status {
+        /// The daemon's configuration (to find its API socket under runtimeDir).
+        #[arg(long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The daemon's API socket; default /run/vmkeeper/api.sock.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the next maintenance windows as instants with UTC offsets.
     Windows {
         /// The JSON configuration.
@@ -87,6 +105,47 @@ fn chain(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Daemon { config } => {
+            init_logging();
+            // One thread runs the loop; librbd calls go to tokio's blocking pool.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(crate::daemon::run(&config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status {
+            config,
+            socket,
+            json,
+        } => {
+            let socket = match (socket, config) {
+                (Some(s), _) => s,
+                (None, Some(c)) => {
+                    let Some(checked) = load_or_report(&c)? else {
+                        return Ok(ExitCode::FAILURE);
+                    };
+                    checked.config.runtime_dir.join(crate::api::SOCKET)
+                }
+                (None, None) => PathBuf::from("/run/vmkeeper").join(crate::api::SOCKET),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let resp = rt.block_on(crate::api::call(&socket, &crate::api::Request::Status))?;
+            let value = match resp {
+                crate::api::Response::Ok(v) => v,
+                crate::api::Response::Error(e) => anyhow::bail!("{e}"),
+            };
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &value)?;
+                writeln!(out)?;
+            } else {
+                write!(out, "{}", render_status(&value))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckConfig { file } => check_config(&file),
         Command::Plan {
             config,
@@ -178,6 +237,87 @@ fn load_or_report(file: &std::path::Path) -> Result<Option<config::Checked>> {
         }
         Err(e) => Err(e).context("cannot load the configuration"),
     }
+}
+
+/// Logs to the journal when it is there (fields VM=, ACTION=, ... and MESSAGE_ID=), and to
+/// stderr. `error!` is reserved for alarms and written at alert priority.
+fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMKEEPER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let journald = tracing_journald::layer().ok().map(|l| {
+        let mut prio = tracing_journald::PriorityMappings::new();
+        prio.error = tracing_journald::Priority::Alert;
+        l.with_field_prefix(None)
+            .with_syslog_identifier("vmkeeper".into())
+            .with_priority_mappings(prio)
+    });
+    // Under systemd stderr goes to the journal too: write each entry once.
+    let under_journal = journald.is_some() && std::env::var_os("JOURNAL_STREAM").is_some();
+    let stderr = (!under_journal).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(journald)
+        .with(stderr)
+        .init();
+}
+
+fn render_status(v: &serde_json::Value) -> String {
+    let mut s = format!(
+        "{:<16} {:<8} {:>8}  {:<22} {:<22} {}\n",
+        "VM", "STATE", "PID", "APPLIED", "DECLARED", "NOTES"
+    );
+    let res = |r: &serde_json::Value| {
+        if r.is_null() {
+            "-".to_owned()
+        } else {
+            format!("{}c/{}M/{}G", r["cores"], r["memoryMiB"], r["diskGiB"])
+        }
+    };
+    for vm in v.as_array().into_iter().flatten() {
+        let mut notes = vec![];
+        if !vm["pending"].is_null() {
+            notes.push(format!(
+                "pending {} in {} – {}",
+                res(&vm["pending"]),
+                vm["maintenanceSlot"]["start"].as_str().unwrap_or("?"),
+                vm["maintenanceSlot"]["end"].as_str().unwrap_or("?")
+            ));
+        }
+        if vm["inMaintenance"].as_bool() == Some(true) {
+            notes.push("IN MAINTENANCE".into());
+        }
+        for r in vm["refusals"].as_array().into_iter().flatten() {
+            notes.push(format!("refused: {}", r.as_str().unwrap_or("")));
+        }
+        if let Some(u) = vm["lastUnplanned"].as_object() {
+            notes.push(format!(
+                "last unplanned: {} at {}",
+                u["kind"].as_str().unwrap_or("?"),
+                u["at"].as_str().unwrap_or("?")
+            ));
+        }
+        s.push_str(&format!(
+            "{:<16} {:<8} {:>8}  {:<22} {:<22} {}\n",
+            vm["name"].as_str().unwrap_or("?"),
+            if vm["running"].as_bool() == Some(true) {
+                "running"
+            } else {
+                "stopped"
+            },
+            vm["qemuPid"]
+                .as_u64()
+                .map_or("-".to_owned(), |p| p.to_string()),
+            res(&vm["applied"]),
+            res(&vm["declared"]),
+            notes.join("; ")
+        ));
+    }
+    s
 }
 
 fn render_plan(p: &Plan) -> String {

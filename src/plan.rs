@@ -277,7 +277,7 @@ pub fn plan(config: &Config, observed: &Observed, state: &State, now: DateTime<U
         taken: state
             .maintenances
             .values()
-            .map(|m| slot_of(tz, m.slot_start, m.slot_end))
+            .map(|m| slot_in(tz, m.slot_start, m.slot_end))
             .collect(),
     };
     for spec in config.vms.values() {
@@ -546,7 +546,7 @@ impl Planner<'_> {
             }
             return;
         };
-        let slot = slot_of(self.tz, m.slot_start, m.slot_end);
+        let slot = slot_in(self.tz, m.slot_start, m.slot_end);
         if reasons.is_empty() {
             self.act(Action::CancelMaintenance {
                 vm: name.clone(),
@@ -682,7 +682,8 @@ impl Planner<'_> {
     }
 }
 
-fn slot_of(tz: Tz, start: DateTime<Utc>, end: DateTime<Utc>) -> Window {
+/// A stored slot (UTC) as a window in `tz`.
+pub fn slot_in(tz: Tz, start: DateTime<Utc>, end: DateTime<Utc>) -> Window {
     Window {
         start: start.with_timezone(&tz),
         end: end.with_timezone(&tz),
