@@ -1,0 +1,445 @@
+//! The daemon against real systemd, Ceph and QEMU: VMs start from a config, survive a
+//! `kill -9` of the daemon, unplanned events raise exactly one alarm, planned stops none,
+//! CPU changes stay pending, disks grow live and never shrink.
+//!
+//! Each test runs its own daemon (as a transient unit of the harness systemd, so its journal
+//! entries carry their fields) with its own VM names, config, state and runtime directory.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{Harness, harness};
+
+/// Upper bound for a TCG guest to boot on a loaded 2-core machine.
+const BOOT: Duration = Duration::from_secs(90);
+const UNPLANNED: &str = "5a9f1f2c90ee4c2fb7905d1dd0033ad3";
+const STOPPED: &str = "43285ae08a3442daae2684d12070b7c4";
+const ADOPTED: &str = "74137d52afc0430b8ee78ca6de7be8ee";
+const REFUSED: &str = "ccf4d8956bc44914b5f421a2e3764e6b";
+const GROWN: &str = "e5d7e239d53b4ffd90a42792a9d67a92";
+
+/// One daemon with its configuration, under a scratch directory.
+struct Host {
+    h: &'static Harness,
+    dir: PathBuf,
+    unit: String,
+    vms: Vec<String>,
+    config: Value,
+}
+
+impl Host {
+    /// A host declaring `vms` (name, extra keys), none started yet.
+    fn new(test: &str, vms: &[(&str, Value)]) -> Host {
+        let h = harness();
+        let dir = h.scratch(test);
+        let hook = dir.join("hook.sh");
+        std::fs::write(
+            &hook,
+            format!("#!/bin/sh\ncat >> {}\n", dir.join("hook.log").display()),
+        )
+        .unwrap();
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(&hook)
+            .status()
+            .unwrap();
+        let mut declared = serde_json::Map::new();
+        for (name, extra) in vms {
+            let mut vm = json!({
+                "cores": 1, "memoryMiB": 1024, "diskGiB": 30,
+                "boot": { "kernel": h.guest_kernel, "initrd": h.guest_initrd, "append": "console=ttyS0 quiet" }
+            });
+            vm.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            declared.insert((*name).to_owned(), vm);
+        }
+        let config = json!({
+            "stateDir": dir.join("state"),
+            "runtimeDir": dir.join("run"),
+            "notifyCommand": hook,
+            "contacts": ["ops@example.com"],
+            "ceph": { "conf": h.ceph_conf, "pool": h.ceph_pool, "clientId": h.ceph_client },
+            "qemu": { "accel": h.accel, "stopTimeout": "20s" },
+            "vms": declared,
+        });
+        let host = Host {
+            h,
+            unit: format!("vmkd-{test}.service"),
+            vms: vms.iter().map(|(n, _)| (*n).to_owned()).collect(),
+            dir,
+            config,
+        };
+        host.write_config();
+        host
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+
+    fn write_config(&self) {
+        std::fs::write(
+            self.config_path(),
+            serde_json::to_string_pretty(&self.config).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// Changes one VM's keys and tells the daemon (SIGHUP), as `nixos-rebuild switch` does.
+    fn change(&mut self, vm: &str, keys: Value) {
+        self.config["vms"][vm]
+            .as_object_mut()
+            .unwrap()
+            .extend(keys.as_object().unwrap().clone());
+        self.write_config();
+        self.h.systemctl(&["kill", "-s", "HUP", &self.unit]);
+    }
+
+    fn start_daemon(&self) {
+        let bin = env!("CARGO_BIN_EXE_vmkeeper");
+        let out = self
+            .h
+            .inside(
+                "systemd-run",
+                [
+                    "--unit",
+                    &self.unit,
+                    "--property",
+                    "Type=notify",
+                    "--property",
+                    "Environment=VMKEEPER_LOG=info",
+                    bin,
+                    "daemon",
+                    "--config",
+                    self.config_path().to_str().unwrap(),
+                ],
+            )
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "systemd-run: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn kill9_daemon(&self) {
+        self.h.systemctl(&["kill", "-s", "KILL", &self.unit]);
+        wait_until(Duration::from_secs(10), "daemon gone", || {
+            !self.active(&self.unit)
+        });
+        self.h.systemctl(&["reset-failed", &self.unit]);
+    }
+
+    fn active(&self, unit: &str) -> bool {
+        self.h
+            .systemctl(&["is-active", "--quiet", unit])
+            .status
+            .success()
+    }
+
+    fn vm_unit(vm: &str) -> String {
+        format!("vmkeeper-vm-{vm}.service")
+    }
+
+    fn status(&self) -> Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmkeeper"))
+            .args([
+                "status",
+                "--json",
+                "--config",
+                self.config_path().to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn vm_status(&self, vm: &str) -> Value {
+        self.status()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == vm)
+            .cloned()
+            .unwrap()
+    }
+
+    fn console(&self, vm: &str) -> PathBuf {
+        self.dir.join("run/vms").join(vm).join("console.log")
+    }
+
+    /// Waits until the guest's console shows a disk of `sectors` (after `from` bytes).
+    fn wait_vmsize(&self, vm: &str, sectors: u64, from: usize, timeout: Duration) {
+        let want = format!("VMSIZE vda={sectors}");
+        wait_until(timeout, &format!("{vm} prints {want}"), || {
+            std::fs::read_to_string(self.console(vm))
+                .is_ok_and(|s| s.get(from..).is_some_and(|t| t.contains(&want)))
+        });
+    }
+
+    fn console_len(&self, vm: &str) -> usize {
+        std::fs::read_to_string(self.console(vm)).map_or(0, |s| s.len())
+    }
+
+    /// The VM's journal entries (`journalctl VM=...`).
+    fn journal(&self, vm: &str) -> Vec<Value> {
+        let out = self
+            .h
+            .journalctl(&[&format!("VM={vm}"), "-o", "json", "--no-pager"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn count(&self, vm: &str, message_id: &str) -> usize {
+        self.journal(vm)
+            .iter()
+            .filter(|e| e["MESSAGE_ID"] == message_id)
+            .count()
+    }
+
+    fn hook_events(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.join("hook.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn sectors(gib: u64) -> u64 {
+        gib * (1 << 30) / 512
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.h.systemctl(&["stop", &self.unit]);
+        for vm in &self.vms {
+            self.h.systemctl(&["stop", &Host::vm_unit(vm)]);
+        }
+        let mut units = vec![self.unit.clone()];
+        units.extend(self.vms.iter().map(|v| Host::vm_unit(v)));
+        let mut args = vec!["reset-failed"];
+        args.extend(units.iter().map(String::as_str));
+        self.h.systemctl(&args);
+    }
+}
+
+fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}");
+}
+
+fn send_guest(dir: &Path, vm: &str, line: &str) {
+    use std::io::Write;
+    let mut s =
+        std::os::unix::net::UnixStream::connect(dir.join("run/vms").join(vm).join("serial.sock"))
+            .unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+}
+
+#[test]
+fn two_vms_start_and_a_killed_daemon_adopts_them() {
+    let host = Host::new("adopt", &[("adopt-a", json!({})), ("adopt-b", json!({}))]);
+    host.start_daemon();
+    for vm in ["adopt-a", "adopt-b"] {
+        host.wait_vmsize(vm, Host::sectors(30), 0, BOOT);
+    }
+    // Thin: a 30 GiB image holds almost nothing.
+    let du = host
+        .h
+        .rbd_ok(&["du", "--format", "json", &host.h.image_spec("adopt-a")]);
+    let used = serde_json::from_str::<Value>(&du).unwrap()["images"][0]["used_size"]
+        .as_u64()
+        .unwrap();
+    assert!(used < 64 << 20, "image not thin: {used} bytes used");
+    assert_eq!(host.h.image_size("adopt-a"), 30 << 30);
+    let pids: Vec<Value> = ["adopt-a", "adopt-b"]
+        .iter()
+        .map(|v| host.vm_status(v)["qemuPid"].clone())
+        .collect();
+    assert!(pids.iter().all(Value::is_u64), "{pids:?}");
+
+    host.kill9_daemon();
+    host.start_daemon();
+    wait_until(Duration::from_secs(20), "both adopted", || {
+        host.count("adopt-a", ADOPTED) == 1 && host.count("adopt-b", ADOPTED) == 1
+    });
+    let after: Vec<Value> = ["adopt-a", "adopt-b"]
+        .iter()
+        .map(|v| host.vm_status(v)["qemuPid"].clone())
+        .collect();
+    assert_eq!(pids, after, "the same QEMU processes run");
+    // Nothing duplicated, nothing alarmed.
+    let units = host.h.systemctl(&[
+        "list-units",
+        "--no-legend",
+        "--plain",
+        "vmkeeper-vm-adopt-*",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&units.stdout).lines().count(), 2);
+    assert_eq!(
+        host.count("adopt-a", UNPLANNED) + host.count("adopt-b", UNPLANNED),
+        0
+    );
+}
+
+#[test]
+fn a_guest_reboot_and_an_outside_stop_raise_one_alarm_each() {
+    let host = Host::new("unplanned", &[("unpl-a", json!({}))]);
+    host.start_daemon();
+    host.wait_vmsize("unpl-a", Host::sectors(30), 0, BOOT);
+
+    let mark = host.console_len("unpl-a");
+    send_guest(&host.dir, "unpl-a", "reboot");
+    wait_until(Duration::from_secs(30), "reset alarm", || {
+        host.count("unpl-a", UNPLANNED) == 1
+    });
+    // The guest comes back by itself (QEMU keeps running); the double RESET gives one alarm.
+    host.wait_vmsize("unpl-a", Host::sectors(30), mark, BOOT);
+    assert_eq!(host.count("unpl-a", UNPLANNED), 1);
+    let entry = host
+        .journal("unpl-a")
+        .into_iter()
+        .find(|e| e["MESSAGE_ID"] == UNPLANNED)
+        .unwrap();
+    assert_eq!(entry["PRIORITY"], "1", "alarms are at alert priority");
+    assert_eq!(entry["ACTION"], "guest-reset");
+    assert_eq!(entry["PLANNED"], "false");
+
+    let pid = host.vm_status("unpl-a")["qemuPid"].clone();
+    host.h.systemctl(&["stop", &Host::vm_unit("unpl-a")]);
+    wait_until(Duration::from_secs(30), "stop alarm", || {
+        host.count("unpl-a", UNPLANNED) == 2
+    });
+    wait_until(BOOT, "VM running again", || {
+        let s = host.vm_status("unpl-a");
+        s["running"] == true && s["qemuPid"] != pid && s["qemuPid"].is_u64()
+    });
+    let kinds: Vec<String> = host
+        .journal("unpl-a")
+        .iter()
+        .filter(|e| e["MESSAGE_ID"] == UNPLANNED)
+        .map(|e| e["ACTION"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, ["guest-reset", "unit-stopped"]);
+    let hooks: Vec<String> = host
+        .hook_events()
+        .iter()
+        .filter(|e| e["event"] == "unplanned")
+        .map(|e| e["action"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(hooks, ["guest-reset", "unit-stopped"]);
+    assert_eq!(
+        host.vm_status("unpl-a")["lastUnplanned"]["kind"],
+        "unit-stopped"
+    );
+}
+
+#[test]
+fn a_cpu_change_stays_pending_and_online_false_stops_without_alarm() {
+    let mut host = Host::new("planned", &[("plan-a", json!({}))]);
+    host.start_daemon();
+    host.wait_vmsize("plan-a", Host::sectors(30), 0, BOOT);
+    let pid = host.vm_status("plan-a")["qemuPid"].clone();
+
+    host.change("plan-a", json!({ "cores": 2 }));
+    wait_until(Duration::from_secs(20), "pending change", || {
+        !host.vm_status("plan-a")["pending"].is_null()
+    });
+    let s = host.vm_status("plan-a");
+    assert_eq!(s["pending"]["cores"], 2);
+    assert_eq!(s["applied"]["cores"], 1);
+    assert_eq!(s["qemuPid"], pid, "the running VM is left alone");
+    assert!(s["maintenanceSlot"]["start"].is_string());
+    let announced: Vec<Value> = host
+        .hook_events()
+        .into_iter()
+        .filter(|e| e["event"] == "maintenance-scheduled")
+        .collect();
+    assert_eq!(announced.len(), 1);
+    assert_eq!(announced[0]["slot"], s["maintenanceSlot"]);
+
+    host.change("plan-a", json!({ "online": false }));
+    wait_until(Duration::from_secs(60), "VM stopped", || {
+        !host.active(&Host::vm_unit("plan-a"))
+    });
+    wait_until(Duration::from_secs(10), "planned stop journaled", || {
+        host.count("plan-a", STOPPED) == 1
+    });
+    assert_eq!(host.count("plan-a", UNPLANNED), 0);
+    let stop = host
+        .journal("plan-a")
+        .into_iter()
+        .find(|e| e["MESSAGE_ID"] == STOPPED)
+        .unwrap();
+    assert_eq!(stop["PLANNED"], "true");
+    assert!(
+        stop["MESSAGE"].as_str().unwrap().contains("ACPI power-off"),
+        "{stop}"
+    );
+    assert_eq!(host.vm_status("plan-a")["running"], false);
+}
+
+#[test]
+fn a_disk_grows_live_and_never_shrinks() {
+    let mut host = Host::new("grow", &[("grow-a", json!({ "diskGiB": 40 }))]);
+    host.start_daemon();
+    host.wait_vmsize("grow-a", Host::sectors(40), 0, BOOT);
+    let pid = host.vm_status("grow-a")["qemuPid"].clone();
+
+    let mark = host.console_len("grow-a");
+    host.change("grow-a", json!({ "diskGiB": 45 }));
+    host.wait_vmsize("grow-a", Host::sectors(45), mark, Duration::from_secs(20));
+    assert_eq!(host.h.image_size("grow-a"), 45 << 30);
+    assert_eq!(
+        host.vm_status("grow-a")["qemuPid"],
+        pid,
+        "same QEMU process"
+    );
+    wait_until(Duration::from_secs(10), "grow journaled", || {
+        host.journal("grow-a")
+            .iter()
+            .any(|e| e["MESSAGE_ID"] == GROWN && e["ACTION"] == "grow-disk")
+    });
+
+    let mark = host.console_len("grow-a");
+    host.change("grow-a", json!({ "diskGiB": 35 }));
+    let msg = "vms.grow-a.diskGiB: cannot shrink from 45 to 35 GiB; disks only grow — provision a new VM instead";
+    wait_until(Duration::from_secs(20), "refusal in status", || {
+        host.vm_status("grow-a")["refusals"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|x| x == msg))
+    });
+    wait_until(Duration::from_secs(10), "refusal journaled", || {
+        host.count("grow-a", REFUSED) == 1
+    });
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmkeeper"))
+        .args(["plan", "--config", host.config_path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(msg));
+    // Nothing changed: the image, and what the guest sees (it keeps printing 45 GiB).
+    assert_eq!(host.h.image_size("grow-a"), 45 << 30);
+    host.wait_vmsize("grow-a", Host::sectors(45), mark, Duration::from_secs(5));
+    let tail = std::fs::read_to_string(host.console("grow-a")).unwrap();
+    assert!(!tail[mark..].contains(&format!("VMSIZE vda={}", Host::sectors(35))));
+    assert_eq!(host.vm_status("grow-a")["qemuPid"], pid);
+}
