@@ -91,10 +91,10 @@ impl Host {
 
     /// Changes one VM's keys and tells the daemon (SIGHUP), as `nixos-rebuild switch` does.
     fn change(&mut self, vm: &str, keys: Value) {
-        self.config["vms"][vm]
-            .as_object_mut()
-            .unwrap()
-            .extend(keys.as_object().unwrap().clone());
+        let Value::Object(keys) = keys else {
+            panic!("keys must be an object")
+        };
+        self.config["vms"][vm].as_object_mut().unwrap().extend(keys);
         self.write_config();
         self.h.systemctl(&["kill", "-s", "HUP", &self.unit]);
     }
