@@ -20,6 +20,12 @@ const MAX_REQUEST: u64 = 64 * 1024;
 pub enum Request {
     /// Every VM's state.
     Status,
+    /// Run what is due now (the command maintenance and deletion timers run). `now` moves
+    /// time for tests and dry runs; only root may set it.
+    RunDue {
+        /// The instant to act as of.
+        now: Option<chrono::DateTime<chrono::Utc>>,
+    },
 }
 
 impl Request {
@@ -27,6 +33,7 @@ impl Request {
     pub fn is_mutating(&self) -> bool {
         match self {
             Request::Status => false,
+            Request::RunDue { .. } => true,
         }
     }
 }

@@ -63,6 +63,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run what is due now: the command maintenance and deletion timers run.
+    RunDue {
+        /// The daemon's configuration (to find its API socket under runtimeDir).
+        #[arg(long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The daemon's API socket; default /run/vmkeeper/api.sock.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Act as of this instant (RFC 3339) instead of the clock; root only.
+        #[arg(long, value_parser = instant)]
+        now: Option<DateTime<Utc>>,
+    },
     /// List the next maintenance windows as instants with UTC offsets.
     Windows {
         /// The JSON configuration.
@@ -119,24 +131,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             socket,
             json,
         } => {
-            let socket = match (socket, config) {
-                (Some(s), _) => s,
-                (None, Some(c)) => {
-                    let Some(checked) = load_or_report(&c)? else {
-                        return Ok(ExitCode::FAILURE);
-                    };
-                    checked.config.runtime_dir.join(crate::api::SOCKET)
-                }
-                (None, None) => PathBuf::from("/run/vmkeeper").join(crate::api::SOCKET),
+            let Some(socket) = api_socket(socket, config)? else {
+                return Ok(ExitCode::FAILURE);
             };
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let resp = rt.block_on(crate::api::call(&socket, &crate::api::Request::Status))?;
-            let value = match resp {
-                crate::api::Response::Ok(v) => v,
-                crate::api::Response::Error(e) => anyhow::bail!("{e}"),
-            };
+            let value = call_daemon(&socket, &crate::api::Request::Status)?;
             let mut out = std::io::stdout().lock();
             if json {
                 serde_json::to_writer_pretty(&mut out, &value)?;
@@ -144,6 +142,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 write!(out, "{}", render_status(&value))?;
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::RunDue {
+            config,
+            socket,
+            now,
+        } => {
+            let Some(socket) = api_socket(socket, config)? else {
+                return Ok(ExitCode::FAILURE);
+            };
+            let value = call_daemon(&socket, &crate::api::Request::RunDue { now })?;
+            println!(
+                "ran what was due at {}",
+                value["ranAt"].as_str().unwrap_or("?")
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { file } => check_config(&file),
@@ -236,6 +249,29 @@ fn load_or_report(file: &std::path::Path) -> Result<Option<config::Checked>> {
             Ok(None)
         }
         Err(e) => Err(e).context("cannot load the configuration"),
+    }
+}
+
+/// The daemon's API socket: given, from the configuration's runtimeDir, or the default.
+fn api_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<Option<PathBuf>> {
+    Ok(Some(match (socket, config) {
+        (Some(s), _) => s,
+        (None, Some(c)) => match load_or_report(&c)? {
+            Some(checked) => checked.config.runtime_dir.join(crate::api::SOCKET),
+            None => return Ok(None),
+        },
+        (None, None) => PathBuf::from("/run/vmkeeper").join(crate::api::SOCKET),
+    }))
+}
+
+/// One request to the daemon; its refusal or failure becomes this command's error.
+fn call_daemon(socket: &std::path::Path, req: &crate::api::Request) -> Result<serde_json::Value> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match rt.block_on(crate::api::call(socket, req))? {
+        crate::api::Response::Ok(v) => Ok(v),
+        crate::api::Response::Error(e) => anyhow::bail!("{e}"),
     }
 }
 

@@ -15,6 +15,9 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+mod deletion;
+mod maintenance;
+
 use crate::api::{self, Caller, Request, Response};
 use crate::config::{self, Config};
 use crate::events::Event;
@@ -29,7 +32,7 @@ use crate::maintenance::Slot;
 use crate::model::{GIB, Resources, VmName, VmSpec};
 use crate::plan::{self, Action, Observed, ObservedVm, Plan};
 use crate::render::{self, ROOT_NODE, VmPaths};
-use crate::state::{Intent, Maintenance, Reason, State, Unplanned, VmRecord};
+use crate::state::{Intent, Reason, State, Unplanned, VmRecord};
 
 /// A safety net under the signal-driven loop: one full reconcile at least this often.
 const TICK: Duration = Duration::from_secs(60);
@@ -586,12 +589,18 @@ impl Daemon {
         Some(observed)
     }
 
+    /// Observes, plans for the clock's now and applies.
     async fn reconcile(&mut self) {
+        // The daemon is the edge: it reads the clock and hands it to the pure planner.
+        self.reconcile_at(Utc::now()).await;
+    }
+
+    /// Observes, plans for `now` and applies. `run-due --now` (root only) drives time through
+    /// here, the same path the timers use.
+    async fn reconcile_at(&mut self, now: DateTime<Utc>) {
         let Some(observed) = self.observe().await else {
             return;
         };
-        // The daemon is the edge: it reads the clock and hands it to the pure planner.
-        let now = Utc::now();
         let plan = plan::plan(&self.config, &observed, &self.state, now);
         self.report(&plan);
         for action in plan.actions {
@@ -713,12 +722,9 @@ impl Daemon {
                     self.failed(&vm, "maintenance reboot", &e);
                 }
             }
-            Action::ScheduleDeletion { .. }
+            a @ (Action::ScheduleDeletion { .. }
             | Action::CancelDeletion { .. }
-            | Action::RunDeletionStage { .. } => {
-                // The deletion lifecycle is carried out by its own stage machine (issue 8);
-                // until then `vmkeeper plan` shows the timeline and nothing is deleted.
-            }
+            | Action::RunDeletionStage { .. }) => self.apply_deletion(a, now).await,
         }
     }
 
@@ -1060,74 +1066,6 @@ impl Daemon {
         Ok(())
     }
 
-    async fn schedule_maintenance(
-        &mut self,
-        vm: &VmName,
-        slot: Slot,
-        reasons: Vec<Reason>,
-        replaces: Option<Slot>,
-        now: DateTime<Utc>,
-    ) {
-        let announced_at = match replaces {
-            Some(old) if old == slot => self
-                .state
-                .maintenances
-                .get(vm)
-                .map_or(now, |m| m.announced_at),
-            _ => now,
-        };
-        self.state.maintenances.insert(
-            vm.clone(),
-            Maintenance {
-                reasons: reasons.clone(),
-                slot_start: slot.start.with_timezone(&Utc),
-                slot_end: slot.end.with_timezone(&Utc),
-                announced_at,
-            },
-        );
-        self.save();
-        let reason = reasons
-            .iter()
-            .map(describe_reason)
-            .collect::<Vec<_>>()
-            .join("; ");
-        let text = match replaces {
-            Some(old) if old != slot => format!("maintenance moved from {old} to {slot}: {reason}"),
-            Some(_) => format!("maintenance in {slot} updated: {reason}"),
-            None => format!("maintenance scheduled for {slot}: {reason}"),
-        };
-        info!(
-            message_id = Event::MaintenanceScheduled.message_id(),
-            vm = vm.as_str(),
-            action = "schedule-maintenance",
-            reason = reason.as_str(),
-            planned = true,
-            slot = %slot,
-            "{text}"
-        );
-        self.notify(
-            Event::MaintenanceScheduled,
-            vm,
-            "schedule-maintenance",
-            &reason,
-            Some(slot),
-        )
-        .await;
-    }
-
-    /// A planned cold reboot: stop QEMU gracefully, start it with the declared values.
-    async fn maintenance_reboot(&mut self, vm: &VmName) -> Result<()> {
-        let Some(spec) = self.config.vms.get(vm).cloned() else {
-            return Ok(());
-        };
-        self.stop_vm(vm, "maintenance reboot", "vmkeeper").await?;
-        self.start_vm(&spec, spec.resources, "maintenance reboot")
-            .await?;
-        self.state.maintenances.remove(vm);
-        self.save();
-        Ok(())
-    }
-
     async fn api(&mut self, req: Request, caller: &Caller) -> Response {
         if req.is_mutating() && !caller.authorized {
             return Response::Error(format!(
@@ -1136,6 +1074,16 @@ impl Daemon {
             ));
         }
         match req {
+            Request::RunDue { now } => {
+                if now.is_some() && caller.uid != 0 {
+                    return Response::Error("not authorized: only root may pass --now".into());
+                }
+                let now = now.unwrap_or_else(Utc::now);
+                self.reconcile_at(now).await;
+                Response::Ok(
+                    serde_json::json!({ "ranAt": rfc3339(now.with_timezone(&self.config.timezone)) }),
+                )
+            }
             Request::Status => {
                 let observed = self.observe().await.unwrap_or_default();
                 let plan = plan::plan(&self.config, &observed, &self.state, Utc::now());
