@@ -10,6 +10,8 @@
 // Each integration test crate uses a different subset of this module.
 #![allow(dead_code)]
 
+pub mod host;
+
 use std::fmt::Write as _;
 use std::io::{self, Write as _};
 use std::os::unix::net::UnixStream;

@@ -1,0 +1,270 @@
+//! A vmkeeper daemon under test: its config, its transient unit in the harness systemd,
+//! and ways to look at what it did (status, journal, hook log, guest consoles).
+//!
+//! Each test builds its own `Host` with its own VM names, so tests run in parallel.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::{Harness, harness};
+
+/// Upper bound for a TCG guest to boot on a loaded 2-core machine.
+pub const BOOT: Duration = Duration::from_secs(90);
+pub const UNPLANNED: &str = "5a9f1f2c90ee4c2fb7905d1dd0033ad3";
+pub const STOPPED: &str = "43285ae08a3442daae2684d12070b7c4";
+pub const ADOPTED: &str = "74137d52afc0430b8ee78ca6de7be8ee";
+pub const REFUSED: &str = "ccf4d8956bc44914b5f421a2e3764e6b";
+pub const GROWN: &str = "e5d7e239d53b4ffd90a42792a9d67a92";
+
+/// One daemon with its configuration, under a scratch directory.
+pub struct Host {
+    pub h: &'static Harness,
+    pub dir: PathBuf,
+    pub unit: String,
+    pub vms: Vec<String>,
+    pub config: Value,
+    /// Journal entries before this (µs since the epoch) belong to earlier runs.
+    pub since_us: u128,
+}
+
+impl Host {
+    /// A host declaring `vms` (name, extra keys), none started yet.
+    pub fn new(test: &str, vms: &[(&str, Value)]) -> Host {
+        let h = harness();
+        let dir = h.scratch(test);
+        let hook = dir.join("hook.sh");
+        std::fs::write(
+            &hook,
+            format!("#!/bin/sh\ncat >> {}\n", dir.join("hook.log").display()),
+        )
+        .unwrap();
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(&hook)
+            .status()
+            .unwrap();
+        let mut declared = serde_json::Map::new();
+        for (name, extra) in vms {
+            let mut vm = json!({
+                "cores": 1, "memoryMiB": 1024, "diskGiB": 30,
+                "boot": { "kernel": h.guest_kernel, "initrd": h.guest_initrd, "append": "console=ttyS0 quiet" }
+            });
+            vm.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            declared.insert((*name).to_owned(), vm);
+        }
+        let config = json!({
+            "stateDir": dir.join("state"),
+            "runtimeDir": dir.join("run"),
+            "notifyCommand": hook,
+            "contacts": ["ops@example.com"],
+            "ceph": { "conf": h.ceph_conf, "pool": h.ceph_pool, "clientId": h.ceph_client },
+            "qemu": { "accel": h.accel, "stopTimeout": "20s" },
+            "vms": declared,
+        });
+        let since_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros();
+        let host = Host {
+            since_us,
+            h,
+            unit: format!("vmkd-{test}.service"),
+            vms: vms.iter().map(|(n, _)| (*n).to_owned()).collect(),
+            dir,
+            config,
+        };
+        host.write_config();
+        host
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+
+    pub fn write_config(&self) {
+        std::fs::write(
+            self.config_path(),
+            serde_json::to_string_pretty(&self.config).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// Changes one VM's keys and tells the daemon (SIGHUP), as `nixos-rebuild switch` does.
+    pub fn change(&mut self, vm: &str, keys: Value) {
+        let Value::Object(keys) = keys else {
+            panic!("keys must be an object")
+        };
+        self.config["vms"][vm].as_object_mut().unwrap().extend(keys);
+        self.write_config();
+        self.h.systemctl(&["kill", "-s", "HUP", &self.unit]);
+    }
+
+    pub fn start_daemon(&self) {
+        let bin = env!("CARGO_BIN_EXE_vmkeeper");
+        let out = self
+            .h
+            .inside(
+                "systemd-run",
+                [
+                    "--unit",
+                    &self.unit,
+                    "--property",
+                    "Type=notify",
+                    "--property",
+                    "Environment=VMKEEPER_LOG=info",
+                    bin,
+                    "daemon",
+                    "--config",
+                    self.config_path().to_str().unwrap(),
+                ],
+            )
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "systemd-run: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn kill9_daemon(&self) {
+        self.h.systemctl(&["kill", "-s", "KILL", &self.unit]);
+        wait_until(Duration::from_secs(10), "daemon gone", || {
+            !self.active(&self.unit)
+        });
+        self.h.systemctl(&["reset-failed", &self.unit]);
+    }
+
+    pub fn active(&self, unit: &str) -> bool {
+        self.h
+            .systemctl(&["is-active", "--quiet", unit])
+            .status
+            .success()
+    }
+
+    pub fn vm_unit(vm: &str) -> String {
+        format!("vmkeeper-vm-{vm}.service")
+    }
+
+    pub fn status(&self) -> Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmkeeper"))
+            .args([
+                "status",
+                "--json",
+                "--config",
+                self.config_path().to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn vm_status(&self, vm: &str) -> Value {
+        self.status()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == vm)
+            .cloned()
+            .unwrap()
+    }
+
+    pub fn console(&self, vm: &str) -> PathBuf {
+        self.dir.join("run/vms").join(vm).join("console.log")
+    }
+
+    /// Waits until the guest's console shows a disk of `sectors` (after `from` bytes).
+    pub fn wait_vmsize(&self, vm: &str, sectors: u64, from: usize, timeout: Duration) {
+        let want = format!("VMSIZE vda={sectors}");
+        wait_until(timeout, &format!("{vm} prints {want}"), || {
+            std::fs::read_to_string(self.console(vm))
+                .is_ok_and(|s| s.get(from..).is_some_and(|t| t.contains(&want)))
+        });
+    }
+
+    pub fn console_len(&self, vm: &str) -> usize {
+        std::fs::read_to_string(self.console(vm)).map_or(0, |s| s.len())
+    }
+
+    /// The VM's journal entries (`journalctl VM=...`).
+    pub fn journal(&self, vm: &str) -> Vec<Value> {
+        let out = self
+            .h
+            .journalctl(&[&format!("VM={vm}"), "-o", "json", "--no-pager"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| {
+                e["__REALTIME_TIMESTAMP"]
+                    .as_str()
+                    .and_then(|t| t.parse::<u128>().ok())
+                    .is_some_and(|t| t >= self.since_us)
+            })
+            .collect()
+    }
+
+    pub fn count(&self, vm: &str, message_id: &str) -> usize {
+        self.journal(vm)
+            .iter()
+            .filter(|e| e["MESSAGE_ID"] == message_id)
+            .count()
+    }
+
+    pub fn hook_events(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.join("hook.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub fn sectors(gib: u64) -> u64 {
+        gib * (1 << 30) / 512
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.h.systemctl(&["stop", &self.unit]);
+        for vm in &self.vms {
+            self.h.systemctl(&["stop", &Host::vm_unit(vm)]);
+        }
+        let mut units = vec![self.unit.clone()];
+        units.extend(self.vms.iter().map(|v| Host::vm_unit(v)));
+        let mut args = vec!["reset-failed"];
+        args.extend(units.iter().map(String::as_str));
+        self.h.systemctl(&args);
+        // Images go too, so a rerun on the same harness starts from scratch.
+        for vm in &self.vms {
+            self.h.rbd(&["rm", "--no-progress", &self.h.image_spec(vm)]);
+        }
+    }
+}
+
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}");
+}
+
+pub fn send_guest(dir: &Path, vm: &str, line: &str) {
+    use std::io::Write;
+    let mut s =
+        std::os::unix::net::UnixStream::connect(dir.join("run/vms").join(vm).join("serial.sock"))
+            .unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+}
