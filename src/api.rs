@@ -20,6 +20,20 @@ const MAX_REQUEST: u64 = 64 * 1024;
 pub enum Request {
     /// Every VM's state.
     Status,
+    /// Reboot a VM at once (planned, applies pending changes).
+    Reboot {
+        /// The VM.
+        vm: crate::model::VmName,
+    },
+    /// Ask for a maintenance reboot of a VM in its next slot.
+    MaintenanceRequest {
+        /// The VM.
+        vm: crate::model::VmName,
+        /// Why, for the announcement.
+        reason: String,
+    },
+    /// List announced maintenances.
+    MaintenanceList,
     /// Run what is due now (the command maintenance and deletion timers run). `now` moves
     /// time for tests and dry runs; only root may set it.
     RunDue {
@@ -32,7 +46,8 @@ impl Request {
     /// Whether the request changes anything (and so needs the authorized group).
     pub fn is_mutating(&self) -> bool {
         match self {
-            Request::Status => false,
+            Request::Status | Request::MaintenanceList => false,
+            Request::Reboot { .. } | Request::MaintenanceRequest { .. } => true,
             Request::RunDue { .. } => true,
         }
     }

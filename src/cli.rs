@@ -63,6 +63,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Reboot a VM: at once with --now (root and the authorized group), otherwise in its next
+    /// maintenance slot.
+    Reboot {
+        /// The VM.
+        name: crate::model::VmName,
+        /// Reboot immediately instead of in the next maintenance slot.
+        #[arg(long)]
+        now: bool,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Maintenance reboots: list them, or request one.
+    Maintenance {
+        #[command(subcommand)]
+        command: MaintenanceCommand,
+    },
     /// Run what is due now: the command maintenance and deletion timers run.
     RunDue {
         /// The daemon's configuration (to find its API socket under runtimeDir).
@@ -89,6 +105,39 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// How the CLI reaches the daemon.
+#[derive(Debug, clap::Args)]
+struct DaemonArgs {
+    /// The daemon's configuration (to find its API socket under runtimeDir).
+    #[arg(long, conflicts_with = "socket")]
+    config: Option<PathBuf>,
+    /// The daemon's API socket; default /run/vmkeeper/api.sock.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum MaintenanceCommand {
+    /// List announced maintenances.
+    List {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask for a maintenance reboot of a VM in its next slot (announced as usual).
+    Request {
+        /// The VM.
+        name: crate::model::VmName,
+        /// Why, for the announcement.
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
 }
 
@@ -144,6 +193,76 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Reboot { name, now, daemon } => {
+            let Some(socket) = api_socket(daemon.socket, daemon.config)? else {
+                return Ok(ExitCode::FAILURE);
+            };
+            if now {
+                call_daemon(&socket, &crate::api::Request::Reboot { vm: name.clone() })?;
+                println!("{name} rebooted");
+            } else {
+                let req = crate::api::Request::MaintenanceRequest {
+                    vm: name.clone(),
+                    reason: "reboot requested".into(),
+                };
+                let v = call_daemon(&socket, &req)?;
+                println!(
+                    "{name} reboots in its maintenance slot {} – {}",
+                    v["slot"]["start"].as_str().unwrap_or("?"),
+                    v["slot"]["end"].as_str().unwrap_or("?")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Maintenance { command } => match command {
+            MaintenanceCommand::List { daemon, json } => {
+                let Some(socket) = api_socket(daemon.socket, daemon.config)? else {
+                    return Ok(ExitCode::FAILURE);
+                };
+                let v = call_daemon(&socket, &crate::api::Request::MaintenanceList)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    for m in v.as_array().into_iter().flatten() {
+                        let reasons: Vec<&str> = m["reasons"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|r| r.as_str())
+                            .collect();
+                        println!(
+                            "{}: {} – {} (announced {}): {}",
+                            m["vm"].as_str().unwrap_or("?"),
+                            m["slot"]["start"].as_str().unwrap_or("?"),
+                            m["slot"]["end"].as_str().unwrap_or("?"),
+                            m["announcedAt"].as_str().unwrap_or("?"),
+                            reasons.join("; ")
+                        );
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            MaintenanceCommand::Request {
+                name,
+                reason,
+                daemon,
+            } => {
+                let Some(socket) = api_socket(daemon.socket, daemon.config)? else {
+                    return Ok(ExitCode::FAILURE);
+                };
+                let req = crate::api::Request::MaintenanceRequest {
+                    vm: name.clone(),
+                    reason,
+                };
+                let v = call_daemon(&socket, &req)?;
+                println!(
+                    "maintenance of {name} in slot {} – {}, announced",
+                    v["slot"]["start"].as_str().unwrap_or("?"),
+                    v["slot"]["end"].as_str().unwrap_or("?")
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+        },
         Command::RunDue {
             config,
             socket,

@@ -20,12 +20,14 @@ use crate::model::{BaseImage, Resources, VmName, VmSpec};
 use crate::state::{Deletion, DeletionSource, Reason, State};
 
 /// What the daemon saw of one VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ObservedVm {
     /// Its QEMU unit is active.
     pub running: bool,
     /// The real size of its image, when known.
     pub disk_gib: Option<u64>,
+    /// Why its running QEMU is outdated (binary or command line), if it is.
+    pub outdated: Option<String>,
 }
 
 /// What the daemon saw of the host.
@@ -47,6 +49,7 @@ impl Observed {
                     ObservedVm {
                         running: r.running,
                         disk_gib: Some(r.applied.disk_gib),
+                        outdated: None,
                     },
                 )
             })
@@ -456,7 +459,7 @@ impl Planner<'_> {
             }
             return;
         };
-        let seen = self.observed.vms.get(name).copied().unwrap_or_default();
+        let seen = self.observed.vms.get(name).cloned().unwrap_or_default();
         let disk = seen.disk_gib.unwrap_or(record.applied.disk_gib);
         let mut effective = declared;
         if declared.disk_gib > disk {
@@ -511,18 +514,26 @@ impl Planner<'_> {
                     });
                 }
             }
-            (true, true) => self.maintenance(name, record.applied, effective),
+            (true, true) => self.maintenance(name, record.applied, effective, seen.outdated),
         }
     }
 
     /// A running VM: schedule, keep, move, run or cancel its maintenance.
-    fn maintenance(&mut self, name: &VmName, applied: Resources, declared: Resources) {
+    fn maintenance(
+        &mut self,
+        name: &VmName,
+        applied: Resources,
+        declared: Resources,
+        outdated: Option<String>,
+    ) {
         let existing = self.state.maintenances.get(name);
         let mut reasons: Vec<Reason> = existing
             .map(|m| {
                 m.reasons
                     .iter()
-                    .filter(|r| !matches!(r, Reason::PendingResources { .. }))
+                    .filter(|r| {
+                        !matches!(r, Reason::PendingResources { .. } | Reason::Outdated { .. })
+                    })
                     .cloned()
                     .collect()
             })
@@ -531,6 +542,9 @@ impl Planner<'_> {
             disk_gib: declared.disk_gib,
             ..applied
         };
+        if let Some(detail) = outdated {
+            reasons.insert(0, Reason::Outdated { detail });
+        }
         if applied.needs_reboot_for(&declared) {
             reasons.insert(
                 0,

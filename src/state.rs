@@ -71,6 +71,10 @@ pub struct VmRecord {
     /// The last stop or reset vmkeeper did not plan.
     #[serde(default)]
     pub last_unplanned: Option<Unplanned>,
+    /// The QEMU command line the VM was last started with; a VM whose command line would
+    /// differ now (new QEMU, new vmkeeper) needs a maintenance reboot.
+    #[serde(default)]
+    pub argv: Vec<String>,
 }
 
 /// A stop or reset vmkeeper did not plan.
@@ -276,6 +280,7 @@ mod tests {
                 running: true,
                 ip_addresses: vec!["192.0.2.1".parse().unwrap()],
                 last_unplanned: None,
+                argv: vec![],
             },
         );
         s.intents.insert(

@@ -129,6 +129,7 @@ impl Daemon {
         d.check_boot().await;
         d.adopt().await?;
         d.save();
+        d.sync_maintenance_timers().await;
         notify_ready();
         Ok(d)
     }
@@ -570,6 +571,7 @@ impl Daemon {
                 ObservedVm {
                     running: false,
                     disk_gib: Some(r.applied.disk_gib),
+                    outdated: self.outdated(name, r),
                 },
             );
         }
@@ -590,6 +592,31 @@ impl Daemon {
     }
 
     /// Observes, plans for the clock's now and applies.
+    /// Whether a VM's QEMU would be started differently now: another command line (a new
+    /// vmkeeper or configuration) or a QEMU binary replaced on disk since it started.
+    fn outdated(&self, vm: &VmName, record: &VmRecord) -> Option<String> {
+        if record.argv.is_empty() {
+            return None;
+        }
+        if let Some(pid) = self.vms.get(vm).and_then(|r| r.main_pid)
+            && let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe"))
+            && exe.to_string_lossy().ends_with(" (deleted)")
+        {
+            return Some("the QEMU binary was replaced (upgrade)".into());
+        }
+        let spec = self.config.vms.get(vm)?;
+        let paths = VmPaths::new(&self.config.runtime_dir, vm);
+        let mut argv = render::qemu_argv(&self.config, spec, record.applied, &paths);
+        argv[0] = resolve_program(&argv[0]);
+        (argv != record.argv).then(|| {
+            if argv[0] != record.argv[0] {
+                format!("QEMU changed from {} to {}", record.argv[0], argv[0])
+            } else {
+                "the QEMU command line changed".to_owned()
+            }
+        })
+    }
+
     async fn reconcile(&mut self) {
         // The daemon is the edge: it reads the clock and hands it to the pure planner.
         self.reconcile_at(Utc::now()).await;
@@ -697,25 +724,7 @@ impl Daemon {
                     .await;
             }
             Action::CancelMaintenance { vm, reason } => {
-                if self.state.maintenances.remove(&vm).is_some() {
-                    self.save();
-                    journal(
-                        Event::MaintenanceCancelled,
-                        &vm,
-                        "cancel-maintenance",
-                        &reason,
-                        true,
-                        &format!("maintenance cancelled: {reason}"),
-                    );
-                    self.notify(
-                        Event::MaintenanceCancelled,
-                        &vm,
-                        "cancel-maintenance",
-                        &reason,
-                        None,
-                    )
-                    .await;
-                }
+                self.cancel_maintenance(&vm, &reason).await;
             }
             Action::MaintenanceReboot { vm, .. } => {
                 if let Err(e) = self.maintenance_reboot(&vm).await {
@@ -793,6 +802,7 @@ impl Daemon {
                 running: false,
                 ip_addresses: spec.ip_addresses.clone(),
                 last_unplanned: None,
+                argv: vec![],
             },
         );
         self.save();
@@ -835,6 +845,7 @@ impl Daemon {
             ..StopPolicy::default()
         };
         svc.properties = qemu_hardening(&paths);
+        let started_argv = svc.argv.clone();
         let result = self.systemd.start_service(&svc).await;
         let result = match result {
             Ok(r) => r,
@@ -861,6 +872,7 @@ impl Daemon {
                 ..resources
             };
             r.running = true;
+            r.argv = started_argv;
         }
         self.state.intents.remove(vm);
         self.save();
@@ -1068,12 +1080,51 @@ impl Daemon {
 
     async fn api(&mut self, req: Request, caller: &Caller) -> Response {
         if req.is_mutating() && !caller.authorized {
+            warn!(
+                message_id = Event::Audit.message_id(),
+                caller_uid = caller.uid,
+                caller = caller.user.as_deref().unwrap_or("?"),
+                "refused {req:?} from uid {}: not in {}",
+                caller.uid,
+                self.config.authorized_group
+            );
             return Response::Error(format!(
                 "not authorized: only root and members of {} may do this",
                 self.config.authorized_group
             ));
         }
         match req {
+            Request::Reboot { vm } => {
+                audit(caller, "reboot", &vm);
+                match self.reboot_now(&vm, caller).await {
+                    Ok(()) => Response::Ok(serde_json::json!({ "rebooted": vm })),
+                    Err(e) => Response::Error(format!("{e:#}")),
+                }
+            }
+            Request::MaintenanceRequest { vm, reason } => {
+                audit(caller, "maintenance-request", &vm);
+                match self.request_maintenance(&vm, &reason, caller).await {
+                    Ok(slot) => Response::Ok(serde_json::json!({ "vm": vm, "slot": slot })),
+                    Err(e) => Response::Error(format!("{e:#}")),
+                }
+            }
+            Request::MaintenanceList => {
+                let tz = self.config.timezone;
+                let list: Vec<serde_json::Value> = self
+                    .state
+                    .maintenances
+                    .iter()
+                    .map(|(vm, m)| {
+                        serde_json::json!({
+                            "vm": vm,
+                            "slot": crate::plan::slot_in(tz, m.slot_start, m.slot_end),
+                            "announcedAt": rfc3339(m.announced_at.with_timezone(&tz)),
+                            "reasons": m.reasons.iter().map(describe_reason).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                Response::Ok(serde_json::Value::Array(list))
+            }
             Request::RunDue { now } => {
                 if now.is_some() && caller.uid != 0 {
                     return Response::Error("not authorized: only root may pass --now".into());
@@ -1174,6 +1225,21 @@ fn intent(action: &str, reason: &str, by: &str) -> Intent {
         by: by.into(),
         at: Utc::now(),
     }
+}
+
+/// Records an accepted mutating call: who (from the kernel), what, on which VM.
+fn audit(caller: &Caller, action: &str, vm: &VmName) {
+    let user = caller.user.as_deref().unwrap_or("?");
+    info!(
+        message_id = Event::Audit.message_id(),
+        vm = vm.as_str(),
+        action,
+        caller_uid = caller.uid,
+        caller = user,
+        planned = true,
+        "{action} {vm} requested by {user} (uid {})",
+        caller.uid
+    );
 }
 
 /// One structured journal entry about a VM.

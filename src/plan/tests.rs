@@ -41,6 +41,7 @@ fn running(state: &mut State, name: &str, applied: Resources) {
             running: true,
             ip_addresses: vec![],
             last_unplanned: None,
+            argv: vec![],
         },
     );
 }
@@ -494,4 +495,35 @@ fn planning_is_deterministic() {
     running(&mut s, "a", res(2, 2048, 30));
     let seen = Observed::as_recorded(&s);
     assert_eq!(plan(&c, &seen, &s, t(NOW)), plan(&c, &seen, &s, t(NOW)));
+}
+
+#[test]
+fn an_outdated_qemu_gets_a_maintenance_and_merges_with_a_cpu_change() {
+    let c = config(json!({ "web01": vm(2, 2048, 30) }));
+    let mut s = State::default();
+    running(&mut s, "web01", res(2, 2048, 30));
+    let mut seen = Observed::as_recorded(&s);
+    seen.vms.get_mut(&n("web01")).unwrap().outdated = Some("QEMU binary changed".into());
+    let p = plan(&c, &seen, &s, t(NOW));
+    let [Action::ScheduleMaintenance { reasons, .. }] = &p.actions[..] else {
+        panic!("{:?}", p.actions)
+    };
+    assert_eq!(
+        reasons,
+        &[Reason::Outdated {
+            detail: "QEMU binary changed".into()
+        }]
+    );
+    // No CPU/RAM change: nothing is pending, but the reboot is scheduled.
+    assert!(p.pending.is_empty());
+    let c = config(json!({ "web01": vm(4, 2048, 30) }));
+    let p = plan(&c, &seen, &s, t(NOW));
+    let [Action::ScheduleMaintenance { reasons, .. }] = &p.actions[..] else {
+        panic!("{:?}", p.actions)
+    };
+    assert_eq!(
+        reasons.len(),
+        2,
+        "one maintenance for both needs: {reasons:?}"
+    );
 }

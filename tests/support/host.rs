@@ -103,6 +103,36 @@ impl Host {
         self.h.systemctl(&["kill", "-s", "HUP", &self.unit]);
     }
 
+    /// Writes the configuration as it is now and tells the daemon (SIGHUP).
+    pub fn reload(&self) {
+        self.write_config();
+        self.h.systemctl(&["kill", "-s", "HUP", &self.unit]);
+    }
+
+    /// Runs `vmkeeper ARGS` (as root) and returns its output.
+    pub fn vmkeeper(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vmkeeper"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `vmkeeper run-due --now T`: drives time forward through the timers' code path.
+    pub fn run_due(&self, now: &str) {
+        let out = self.vmkeeper(&[
+            "run-due",
+            "--config",
+            self.config_path().to_str().unwrap(),
+            "--now",
+            now,
+        ]);
+        assert!(
+            out.status.success(),
+            "run-due: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn start_daemon(&self) {
         let bin = env!("CARGO_BIN_EXE_vmkeeper");
         let out = self
