@@ -390,10 +390,10 @@ impl TestGuest {
                 let log = std::fs::read_to_string(&paths.qemu_log).unwrap_or_default();
                 panic!("QEMU for {name} exited at start ({status}): {log}");
             }
-            if paths.qmp.exists() {
-                if let Ok(stream) = UnixStream::connect(&paths.command) {
-                    break stream;
-                }
+            if paths.qmp.exists()
+                && let Ok(stream) = UnixStream::connect(&paths.command)
+            {
+                break stream;
             }
             assert!(
                 Instant::now() < deadline,
