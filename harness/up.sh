@@ -6,8 +6,8 @@
 #            namespaces (the network is shared so units reach Ceph on 127.0.0.1), with journald
 #            and a dbus-daemon system bus. Its /run is DIR/run, so its sockets are reachable
 #            from the host; everything else of the host's file system is visible inside.
-#            On a host whose PID 1 is systemd, VMKEEPER_HARNESS_SYSTEMD=host uses that one
-#            instead (see docs/development/testing.md).
+#            On a host booted with systemd, that one is used instead
+#            (VMKEEPER_HARNESS_SYSTEMD=auto|private|host; see docs/development/testing.md).
 #   Ceph     One mon and one memstore OSD on 127.0.0.1 with cephx, pool `rbd` initialised.
 #   guest    The tiny test guest (harness/make-guest.sh, cached) and the QEMU accelerator
 #            to use: VMKEEPER_QEMU_ACCEL=kvm|tcg, or auto (default): KVM only when a short
@@ -60,7 +60,13 @@ fi
 case $ACCEL in auto | kvm | tcg) ;; *) die "VMKEEPER_QEMU_ACCEL must be auto, kvm or tcg" ;; esac
 
 # -------------------------------------------------------------------------- systemd
-SYSTEMD_MODE=${VMKEEPER_HARNESS_SYSTEMD:-private}
+# auto: the host's manager when it was booted with systemd (sd_booted(3) and PID 1 is
+# systemd), else a private one.
+SYSTEMD_MODE=${VMKEEPER_HARNESS_SYSTEMD:-auto}
+if [ "$SYSTEMD_MODE" = auto ]; then
+  SYSTEMD_MODE=private
+  [ -d /run/systemd/system ] && [ "$(cat /proc/1/comm)" = systemd ] && SYSTEMD_MODE=host
+fi
 case $SYSTEMD_MODE in
   host)
     [ -d /run/systemd/system ] || die "VMKEEPER_HARNESS_SYSTEMD=host, but PID 1 is not systemd"
@@ -183,7 +189,7 @@ INIT
     done
     [ -n "$ready" ] || die "systemd manager not ready: $(tail -n 30 "$DIR/systemd/console.log")"
     ;;
-  *) die "VMKEEPER_HARNESS_SYSTEMD must be private or host" ;;
+  *) die "VMKEEPER_HARNESS_SYSTEMD must be auto, private or host" ;;
 esac
 say "systemd up ($SYSTEMD_MODE, pid $SDPID)"
 

@@ -2,7 +2,7 @@
 # test.sh [NEXTEST ARGS...]: install what is needed and run every test: unit, property and
 # integration tests with cargo-nextest inside the harness (real systemd, Ceph, QEMU guest),
 # plus doc tests. As root on Debian 12. Extra arguments go to `cargo nextest run`, e.g. a
-# filter: `scripts/test.sh harness::`. With CI=true the nextest profile `ci` is used.
+# filter: `scripts/test.sh --test harness`. With CI=true the nextest profile `ci` is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -12,7 +12,7 @@ PROFILE=default
 [ "${CI:-}" = true ] && PROFILE=ci
 
 # Build before the harness is up, so it is not kept waiting by a compile.
-cargo nextest run --workspace --all-targets --cargo-quiet --no-run
+cargo nextest run --workspace --cargo-quiet --no-run
 cargo test --workspace --doc --quiet
-harness/run.sh cargo nextest run --workspace --all-targets --cargo-quiet --profile "$PROFILE" "$@"
+harness/run.sh cargo nextest run --workspace --cargo-quiet --profile "$PROFILE" "$@"
 echo "test.sh: done in $(($(date +%s) - T0)) s" >&2
