@@ -3,9 +3,10 @@
 # QEMU) and show vmkeeper on the example configuration of two small VMs; everything is torn
 # down at the end. As root on Debian 12.
 #
-# What it shows (more as features land): the configuration check, the next maintenance
-# windows, the plan, and the two VMs running as QEMU units of the harness systemd on their
-# RBD disks, each guest printing the size of its disk.
+# What it shows: the configuration check, the next maintenance windows, the plan; then the
+# vmkeeper daemon running both VMs as QEMU units of the harness systemd on their RBD disks,
+# a live disk grow seen by the guest, a refused shrink, a CPU change pending with its
+# announced Berlin slot and timer, a deletion timeline, and a VM's story in the journal.
 #
 # Inside an existing harness (VMKEEPER_HARNESS_DIR set, e.g. `harness/run.sh scripts/demo.sh`)
 # it skips installing and uses that harness.
@@ -62,58 +63,79 @@ run "$BIN" windows --config "$CONFIG" --count 3
 step "What vmkeeper would do now"
 run "$BIN" plan --config "$CONFIG" --state-dir "$DEMO/state"
 
-# Until the daemon lands, the demo starts the QEMU units itself, the way the daemon will:
-# one transient unit per VM in the harness systemd, disk on RBD through QEMU's rbd driver.
-step "Starting the VMs as QEMU units of the harness systemd, disks on Ceph RBD"
-mapfile -t VMS < <(python3 -c 'import json,sys
-for n, v in json.load(open(sys.argv[1]))["vms"].items():
-    print(n, v["cores"], v["memoryMiB"], v["diskGiB"], v["boot"]["append"])' "$CONFIG")
-for row in "${VMS[@]}"; do
-  read -r name cores mem disk append <<< "$row"
-  dir=$DEMO/run/$name
-  mkdir -p "$dir"
-  run rbd --conf "$CEPH_CONF" --id "$VMKEEPER_CEPH_CLIENT" create --size "${disk}G" "$VMKEEPER_CEPH_POOL/$name"
-  blockdev=$(printf '{"driver":"rbd","node-name":"root0","pool":"%s","image":"%s","conf":"%s","user":"%s","cache":{"direct":false}}' \
-    "$VMKEEPER_CEPH_POOL" "$name" "$CEPH_CONF" "$VMKEEPER_CEPH_CLIENT")
-  cpu=()
-  [ "$VMKEEPER_QEMU_ACCEL" = kvm ] && cpu=(-cpu host)
-  # shellcheck disable=SC2086 # VMKEEPER_NSENTER is a command prefix
-  $VMKEEPER_NSENTER systemd-run --quiet --unit="demo-qemu-$name.service" \
-    --description="demo VM $name" --property=KillSignal=SIGTERM -- \
-    /usr/bin/qemu-system-x86_64 -name "$name" -nodefaults -no-user-config -display none \
-    -machine q35 -accel "$VMKEEPER_QEMU_ACCEL" "${cpu[@]}" -m "$mem" -smp "$cores" \
-    -kernel "$VMKEEPER_GUEST_KERNEL" -initrd "$VMKEEPER_GUEST_INITRD" -append "$append" \
-    -blockdev "$blockdev" -device virtio-blk-pci,drive=root0,id=disk0 \
-    -serial "file:$dir/console.log" -qmp "unix:$dir/qmp.sock,server=on,wait=off"
-  echo "  started demo-qemu-$name.service"
-done
-
-# shellcheck disable=SC2086
-run $VMKEEPER_NSENTER systemctl list-units --no-pager --no-legend 'demo-qemu-*'
-
-step "Each guest prints the size of its disk every 200 ms"
-for row in "${VMS[@]}"; do
-  read -r name _ _ disk _ <<< "$row"
-  log=$DEMO/run/$name/console.log
-  line=
+step "Starting the vmkeeper daemon (a unit of the harness systemd, like vmkeeper.service)"
+# shellcheck disable=SC2086 # VMKEEPER_NSENTER is a command prefix
+run $VMKEEPER_NSENTER systemd-run --quiet --unit=vmkeeper-demo.service --property=Type=notify \
+  "$(readlink -f "$BIN")" daemon --config "$CONFIG"
+vmk() { run "$BIN" "$@"; }
+jour() { journalctl -D "$VMKEEPER_JOURNAL_DIR" --no-pager -o cat "$@"; }
+hup() {
+  # shellcheck disable=SC2086
+  $VMKEEPER_NSENTER systemctl kill -s HUP vmkeeper-demo.service
+}
+setvm() { # setvm VM KEY VALUE: what `nixos-rebuild switch` does to the JSON
+  python3 - "$CONFIG" "$@" << 'PY'
+import json, sys
+path, vm, key, value = sys.argv[1:]
+cfg = json.load(open(path))
+cfg["vms"][vm][key] = json.loads(value)
+json.dump(cfg, open(path, "w"), indent=2)
+PY
+}
+wait_vmsize() { # wait_vmsize VM GIB
+  local log=$DEMO/run/vms/$1/console.log want=$(($2 * 1024 * 1024 * 2)) line=
   for _ in $(seq 1 1200); do
     line=$(grep -a '^VMSIZE' "$log" 2> /dev/null | tail -n 1 | tr -d '\r') || true
-    [ -n "$line" ] && break
+    [ "${line#*vda=}" = "$want" ] && break
     sleep 0.1
   done
-  [ -n "$line" ] || { echo "demo: $name printed no VMSIZE line; console:" >&2; tail "$log" >&2; exit 1; }
-  sectors=${line#*vda=}
-  sectors=${sectors%% *}
-  [[ $sectors =~ ^[0-9]+$ ]] || { echo "demo: $name printed a bad VMSIZE line: $line" >&2; exit 1; }
-  echo "  $name: \"$line\" = $((sectors * 512 / 1024 / 1024 / 1024)) GiB (configured: $disk GiB)"
-  [ "$sectors" -eq $((disk * 1024 * 1024 * 2)) ] || { echo "demo: $name sees the wrong disk size" >&2; exit 1; }
-done
+  [ "${line#*vda=}" = "$want" ] || { echo "demo: $1 does not see $2 GiB; console:" >&2; tail -n 3 "$log" >&2; exit 1; }
+  echo "  $1 guest console: \"$line\" = $2 GiB"
+}
 
-step "Stopping the VMs"
-for row in "${VMS[@]}"; do
-  read -r name _ <<< "$row"
-  # shellcheck disable=SC2086
-  run $VMKEEPER_NSENTER systemctl stop "demo-qemu-$name.service"
-done
+step "Both guests boot and print the size of their RBD disk"
+wait_vmsize demo-web 30
+wait_vmsize demo-db 40
+vmk status --config "$CONFIG"
+
+step "Grow demo-web's disk live: diskGiB 30 -> 35, then SIGHUP (as nixos-rebuild switch does)"
+setvm demo-web diskGiB 35
+hup
+wait_vmsize demo-web 35
+jour VM=demo-web ACTION=grow-disk | tail -n 1
+
+step "Shrinking is refused: diskGiB 35 -> 32 changes nothing"
+setvm demo-web diskGiB 32
+hup
+sleep 2
+jour VM=demo-web MESSAGE_ID=ccf4d8956bc44914b5f421a2e3764e6b | tail -n 1
+rbd --conf "$CEPH_CONF" --id "$VMKEEPER_CEPH_CLIENT" info "$VMKEEPER_CEPH_POOL/demo-web" | grep size
+setvm demo-web diskGiB 35
+hup
+
+step "A CPU change waits for an announced maintenance slot (Europe/Berlin, 24 h ahead)"
+setvm demo-db cores 4
+hup
+sleep 2
+vmk maintenance list --config "$CONFIG"
+# shellcheck disable=SC2086
+run $VMKEEPER_NSENTER systemctl list-timers --all --no-pager 'vmkeeper-maint-*'
+vmk plan --config "$CONFIG" --state-dir "$DEMO/state"
+
+step "A deletion timeline: what deleteAt ten days from now would do"
+python3 - "$CONFIG" "$DEMO/demo-delete.json" << 'PY'
+import datetime, json, sys
+cfg = json.load(open(sys.argv[1]))
+cfg["vms"]["demo-web"]["deleteAt"] = (datetime.date.today() + datetime.timedelta(days=10)).isoformat()
+json.dump(cfg, open(sys.argv[2], "w"), indent=2)
+PY
+vmk plan --config "$DEMO/demo-delete.json" --state-dir "$DEMO/state"
+
+step "Every state change of a VM is a structured journal entry: journalctl VM=demo-db"
+jour VM=demo-db
+
+step "Stopping: the daemon, then the VMs"
+# shellcheck disable=SC2086
+run $VMKEEPER_NSENTER systemctl stop vmkeeper-demo.service vmkeeper-vm-demo-web.service vmkeeper-vm-demo-db.service
 echo
 echo "demo: done; the harness is torn down next"

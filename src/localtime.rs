@@ -125,7 +125,7 @@ pub fn parse_instant(s: &str) -> Result<DateTime<Utc>, String> {
 
 /// Formats an instant in `tz` as RFC 3339 with its offset, e.g. `2026-12-01T22:00:00+01:00`.
 pub fn rfc3339(t: DateTime<Tz>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, false)
 }
 
 /// Serializes an instant as RFC 3339 with the offset of its zone (serde `serialize_with`).

@@ -267,6 +267,12 @@ impl Drop for Host {
         self.h.systemctl(&["stop", &self.unit]);
         for vm in &self.vms {
             self.h.systemctl(&["stop", &Host::vm_unit(vm)]);
+            // Timers the daemon left for later stages must not outlive the test.
+            self.h.systemctl(&[
+                "stop",
+                &format!("vmkeeper-maint-{vm}.timer"),
+                &format!("vmkeeper-delete-{vm}-*.timer"),
+            ]);
         }
         let mut units = vec![self.unit.clone()];
         units.extend(self.vms.iter().map(|v| Host::vm_unit(v)));
