@@ -81,7 +81,11 @@ impl Notifier {
             })?;
         let run = async {
             if let Some(mut stdin) = child.stdin.take() {
-                stdin.write_all(&json).await.map_err(io)?;
+                // A hook may exit without reading its event; its exit status says how it went.
+                match stdin.write_all(&json).await {
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                    other => other.map_err(io)?,
+                }
             }
             child.wait().await.map_err(io)
         };

@@ -346,9 +346,17 @@ proptest! {
             }
         }
         let Some(slot) = p.pick_slot(now, &taken) else {
-            // Only a duration longer than every window may find nothing.
-            let longest = p.windows(now).take(800).map(|w| w.duration()).max().unwrap();
-            prop_assert!(longest < p.expected_duration);
+            // Nothing within the horizon: every window long enough is held by other slots
+            // at every minute.
+            let horizon = now + TimeDelta::days(HORIZON_DAYS);
+            let windows: Vec<Window> = p.windows(now).take_while(|w| w.start < horizon).collect();
+            for w in windows.iter().filter(|w| w.duration() >= p.expected_duration) {
+                let mut c = ceil_minute_tz(w.start.max(earliest));
+                while c + p.expected_duration <= w.end {
+                    prop_assert!(!valid(&p, &windows, &taken, c), "{} was free", rfc3339(c));
+                    c += TimeDelta::minutes(1);
+                }
+            }
             return Ok(());
         };
         prop_assert!(slot.start >= earliest);
