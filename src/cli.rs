@@ -498,7 +498,7 @@ fn render_plan(p: &Plan) -> String {
             .iter()
             .map(|x| {
                 format!(
-                    "{}: cores {} -> {}, memoryMiB {} -> {}; reboot in slot {}, announced {}",
+                    "{}: pending cores {} -> {}, memoryMiB {} -> {}; reboot in slot {}, announced {}",
                     x.vm,
                     x.from.cores,
                     x.to.cores,

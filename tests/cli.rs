@@ -114,7 +114,7 @@ fn plan_shows_pending_changes_with_their_slot_and_refusals() {
     let o = vmkeeper(&args);
     assert!(o.status.success(), "{o:?}");
     let text = stdout(&o);
-    assert!(text.contains("web01: cores 1 -> 2, memoryMiB 4096 -> 4096; reboot in slot 2026-12-01T22:00:00+01:00 – 2026-12-01T22:15:00+01:00, announced 2026-11-30T10:00:00+01:00"), "{text}");
+    assert!(text.contains("web01: pending cores 1 -> 2, memoryMiB 4096 -> 4096; reboot in slot 2026-12-01T22:00:00+01:00 – 2026-12-01T22:15:00+01:00, announced 2026-11-30T10:00:00+01:00"), "{text}");
     assert!(text.contains("vms.web01.diskGiB: cannot shrink from 60 to 50 GiB; disks only grow — provision a new VM instead"), "{text}");
     let o = vmkeeper(&[&args[..], &["--json"]].concat());
     let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

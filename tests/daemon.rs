@@ -200,3 +200,35 @@ fn a_disk_grows_live_and_never_shrinks() {
     assert!(!tail[mark..].contains(&format!("VMSIZE vda={}", Host::sectors(35))));
     assert_eq!(host.vm_status("grow-a")["qemuPid"], pid);
 }
+
+#[test]
+fn a_changed_boot_id_is_an_unplanned_host_reboot() {
+    let host = Host::new("bootid", &[("boot-a", json!({}))]);
+    host.start_daemon();
+    host.wait_vmsize("boot-a", Host::sectors(30), 0, BOOT);
+    host.kill9_daemon();
+    // What the daemon finds after a host reboot it did not plan: another kernel boot id.
+    let state_path = host.dir.join("state/state.json");
+    let mut state: Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    assert!(state["bootId"].is_string());
+    state["bootId"] = json!("00000000-0000-0000-0000-000000000000");
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    host.start_daemon();
+    wait_until(Duration::from_secs(20), "host-reboot alarm", || {
+        host.count("boot-a", UNPLANNED) == 1
+    });
+    let alarm = host
+        .journal("boot-a")
+        .into_iter()
+        .find(|e| e["MESSAGE_ID"] == UNPLANNED)
+        .unwrap();
+    assert_eq!(alarm["ACTION"], "host-rebooted");
+    assert_eq!(
+        host.hook_events()
+            .iter()
+            .filter(|e| e["action"] == "host-rebooted")
+            .count(),
+        1
+    );
+}
