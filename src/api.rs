@@ -182,7 +182,8 @@ pub fn identify(uid: u32, group: &str) -> Caller {
     }
 }
 
-fn user_name(uid: u32) -> Option<String> {
+/// The user's name and primary group from the password database.
+fn passwd(uid: u32) -> Option<(String, u32)> {
     let mut buf = vec![0u8; 16 * 1024];
     // SAFETY: passwd is plain old data that getpwuid_r fills in.
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
@@ -201,11 +202,14 @@ fn user_name(uid: u32) -> Option<String> {
         return None;
     }
     // SAFETY: on success pw_name points to a NUL-terminated string inside buf, alive here.
-    Some(
-        unsafe { CStr::from_ptr(pw.pw_name) }
-            .to_string_lossy()
-            .into_owned(),
-    )
+    let name = unsafe { CStr::from_ptr(pw.pw_name) }
+        .to_string_lossy()
+        .into_owned();
+    Some((name, pw.pw_gid))
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    passwd(uid).map(|(name, _)| name)
 }
 
 fn group_id(name: &str) -> Option<u32> {
@@ -252,21 +256,7 @@ fn groups_of(user: &str, uid: u32) -> Vec<u32> {
 }
 
 fn primary_gid(uid: u32) -> Option<u32> {
-    let mut buf = vec![0u8; 16 * 1024];
-    // SAFETY: as in user_name.
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: as in user_name.
-    let rc = unsafe {
-        libc::getpwuid_r(
-            uid,
-            &mut pw,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    (rc == 0 && !result.is_null()).then_some(pw.pw_gid)
+    passwd(uid).map(|(_, gid)| gid)
 }
 
 #[cfg(test)]
