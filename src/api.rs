@@ -26,6 +26,22 @@ pub enum Request {
         /// The instant to act as of.
         now: Option<chrono::DateTime<chrono::Utc>>,
     },
+    /// Schedule a VM's deletion (`vmkeeper delete`).
+    Delete {
+        /// The VM.
+        vm: crate::model::VmName,
+        /// The local date T.
+        date: chrono::NaiveDate,
+        /// The instant to judge the request as of; only root may set it.
+        now: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// Cancel a deletion requested with `vmkeeper delete`.
+    CancelDeletion {
+        /// The VM.
+        vm: crate::model::VmName,
+        /// The instant to judge the request as of; only root may set it.
+        now: Option<chrono::DateTime<chrono::Utc>>,
+    },
 }
 
 impl Request {
@@ -33,7 +49,9 @@ impl Request {
     pub fn is_mutating(&self) -> bool {
         match self {
             Request::Status => false,
-            Request::RunDue { .. } => true,
+            Request::RunDue { .. } | Request::Delete { .. } | Request::CancelDeletion { .. } => {
+                true
+            }
         }
     }
 }

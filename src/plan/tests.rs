@@ -336,6 +336,7 @@ fn deletion(s: &mut State, name: &str, date: &str, source: DeletionSource, last:
             progress: last.map_or(Progress::Scheduled, |last| Progress::Done { last }),
             stage_started: None,
             ip_addresses: vec!["192.0.2.10".parse().unwrap()],
+            downtime_from: None,
         },
     );
 }
