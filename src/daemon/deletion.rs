@@ -129,6 +129,7 @@ impl Daemon {
         }
         self.state.deletions.remove(vm);
         self.save();
+        self.stop_deletion_timers(vm).await;
         let text = format!("deletion cancelled: {reason}; the VM is kept as it was");
         journal(Event::Deletion, vm, "cancel-deletion", reason, true, &text);
         self.notify_deletion(vm, "cancel-deletion", reason).await;
@@ -160,6 +161,9 @@ impl Daemon {
             self.state.deletions.remove(vm);
         }
         self.save();
+        if stage == Stage::ReleaseName {
+            self.stop_deletion_timers(vm).await;
+        }
         info!(
             message_id = Event::Deletion.message_id(),
             vm = vm.as_str(),
@@ -393,6 +397,23 @@ impl Daemon {
                     vm = vm.as_str(),
                     "cannot create the timer of deletion stage {stage}: {e}"
                 );
+            }
+        }
+    }
+
+    /// Stops every stage timer of a deletion that ended (cancelled or the name released):
+    /// the VM may no longer be known by then, so the sync would not recognise them as ours.
+    async fn stop_deletion_timers(&self, vm: &VmName) {
+        for stage in Stage::ALL {
+            let name = systemd::deletion_timer_name(vm.as_str(), stage.as_str());
+            match self.systemd.stop_unit(&name).await {
+                Ok(_) => {}
+                Err(e) if e.is_no_such_unit() => {}
+                Err(e) => warn!(
+                    message_id = Event::OperationFailed.message_id(),
+                    vm = vm.as_str(),
+                    "cannot stop timer {name}: {e}"
+                ),
             }
         }
     }
