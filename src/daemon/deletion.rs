@@ -368,6 +368,11 @@ impl Daemon {
                 }
             }
         }
+        // The timers' services run with / as working directory.
+        let config = std::path::absolute(&self.config_path)
+            .unwrap_or_else(|_| self.config_path.clone())
+            .display()
+            .to_string();
         let exe = match std::env::current_exe() {
             Ok(p) => p.display().to_string(),
             Err(e) => {
@@ -387,7 +392,7 @@ impl Daemon {
                     exe.clone(),
                     "run-due".into(),
                     "--config".into(),
-                    self.config_path.display().to_string(),
+                    config.clone(),
                 ],
                 environment: vec![],
             };
@@ -426,11 +431,11 @@ impl Daemon {
         now: Option<DateTime<Utc>>,
         caller: &Caller,
     ) -> Response {
+        audit(caller, &vm, "delete", &format!("delete {vm} on {date}"));
         let now = match self.api_now(now, caller) {
             Ok(n) => n,
             Err(r) => return r,
         };
-        audit(caller, &vm, "delete", &format!("delete {vm} on {date}"));
         if let Some(d) = self.state.deletions.get(&vm) {
             return Response::Error(match &d.source {
                 DeletionSource::Config => format!(
@@ -438,7 +443,11 @@ impl Daemon {
                      change it there",
                     d.date
                 ),
-                _ => format!(
+                DeletionSource::Removed => format!(
+                    "{vm} was removed from the configuration and is deleted on {}",
+                    d.date
+                ),
+                DeletionSource::Cli { .. } => format!(
                     "{vm} is already being deleted on {}; cancel that first (vmkeeper \
                      cancel-deletion {vm})",
                     d.date
@@ -477,16 +486,16 @@ impl Daemon {
         now: Option<DateTime<Utc>>,
         caller: &Caller,
     ) -> Response {
-        let now = match self.api_now(now, caller) {
-            Ok(n) => n,
-            Err(r) => return r,
-        };
         audit(
             caller,
             &vm,
             "cancel-deletion",
             &format!("cancel the deletion of {vm}"),
         );
+        let now = match self.api_now(now, caller) {
+            Ok(n) => n,
+            Err(r) => return r,
+        };
         let Some(d) = self.state.deletions.get(&vm) else {
             return Response::Error(format!("{vm} has no deletion to cancel"));
         };

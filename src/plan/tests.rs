@@ -414,6 +414,15 @@ fn removing_a_vm_schedules_its_deletion_loudly_and_declaring_it_again_cancels() 
             free_on: "2027-01-08".parse().unwrap()
         }]
     );
+    // Declared again or not, the remaining stages still run.
+    let p = plan(&c, &Observed::default(), &s, t("2026-12-09T12:00:00+01:00"));
+    assert_eq!(
+        p.actions,
+        [Action::RunDeletionStage {
+            vm: n("old"),
+            stage: Stage::DeleteBackups
+        }]
+    );
 }
 
 #[test]
