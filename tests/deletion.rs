@@ -246,6 +246,29 @@ fn a_cli_deletion_is_announced_shuts_down_and_a_cancel_brings_the_vm_back() {
 
     let d = deletion_date();
     let s = Schedule::new(Berlin, d);
+    // Someone outside the authorized group is refused and nothing happens. The socket is
+    // world-connectable; the directories above it only need to be traversable for this.
+    let socket = host.dir.join("run/api.sock");
+    let mut up = socket.parent();
+    while let Some(dir) = up.filter(|d| d.starts_with(&host.h.dir)) {
+        let o = std::process::Command::new("chmod")
+            .arg("o+x")
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "chmod: {}", text(&o));
+        up = dir.parent();
+    }
+    let o = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_vmkeeper"))
+        .args(["delete", vm, "--at", &d.to_string(), "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("not authorized: "), "{}", text(&o));
+    assert!(state(&host)["deletions"].as_object().unwrap().is_empty());
     let o = vmk(&host, &["delete", vm, "--at", &d.to_string()]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("purge"), "{}", text(&o));
