@@ -116,7 +116,19 @@ impl Daemon {
             rfc3339(schedule.t()),
             rfc3339(schedule.at(Stage::Purge))
         );
-        journal(Event::Deletion, vm, "schedule-deletion", &by, true, &reason);
+        if source == DeletionSource::Removed {
+            // Nobody asked for this one explicitly: say it loudly.
+            warn!(
+                message_id = Event::Deletion.message_id(),
+                vm = vm.as_str(),
+                action = "schedule-deletion",
+                reason = by.as_str(),
+                planned = true,
+                "{vm} was removed from the configuration: {reason}; declare it again to keep it"
+            );
+        } else {
+            journal(Event::Deletion, vm, "schedule-deletion", &by, true, &reason);
+        }
         self.notify_deletion(vm, "schedule-deletion", &reason).await;
     }
 
