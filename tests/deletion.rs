@@ -593,3 +593,59 @@ fn a_configured_deletion_runs_to_the_end_and_a_crash_in_the_purge_finishes_it_on
         ]
     );
 }
+
+#[test]
+fn a_crash_right_after_a_stage_started_is_finished_at_the_next_start() {
+    let vm = "del-s";
+    let host = Host::new("del-started", &[(vm, json!({}))]);
+    start_daemon_with_failpoint(&host, "after-stage-started:shutdown");
+    host.wait_vmsize(vm, Host::sectors(30), 0, BOOT);
+    let d = deletion_date();
+    let s = Schedule::new(Berlin, d);
+    let o = vmk(&host, &["delete", vm, "--at", &d.to_string()]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // At T the daemon records the shutdown as started and dies before stopping the VM.
+    let runner = {
+        let args = vec![
+            "run-due".to_owned(),
+            "--now".to_owned(),
+            iso(at(&s, Stage::Shutdown)),
+            "--config".to_owned(),
+            host.config_path().display().to_string(),
+        ];
+        std::thread::spawn(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_vmkeeper"))
+                .args(args)
+                .output()
+                .unwrap()
+        })
+    };
+    wait_until(Duration::from_secs(60), "shutdown started", || {
+        state(&host)["deletions"][vm]["stageStarted"] == "shutdown"
+    });
+    host.kill9_daemon();
+    assert!(!runner.join().unwrap().status.success());
+    assert!(host.active(&Host::vm_unit(vm)), "the VM still runs");
+    assert!(stage_done(&host, vm, "shutdown").is_empty());
+
+    // The clock is still days before T, yet the begun stage is finished, once, as planned.
+    host.start_daemon();
+    wait_until(Duration::from_secs(60), "shutdown finished", || {
+        state(&host)["deletions"][vm]["progress"]["last"] == "shutdown"
+    });
+    assert!(!host.active(&Host::vm_unit(vm)));
+    assert_eq!(stage_done(&host, vm, "shutdown").len(), 1);
+    assert_eq!(stage_done(&host, vm, "announce").len(), 1);
+    assert!(
+        host.journal(vm)
+            .iter()
+            .any(|e| e["MESSAGE_ID"] == DELETION && e["ACTION"] == "deletion-resume")
+    );
+    assert_eq!(host.count(vm, UNPLANNED), 0);
+    assert_eq!(state(&host)["deletions"][vm]["stageStarted"], Value::Null);
+    // It stays off at the clock's now, and the next stage's timer is there.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!host.active(&Host::vm_unit(vm)));
+    assert!(timers(&host, vm).contains(&timer(vm, "purge")));
+}
