@@ -40,6 +40,22 @@ pub enum Request {
         /// The instant to act as of.
         now: Option<chrono::DateTime<chrono::Utc>>,
     },
+    /// Schedule a VM's deletion (`vmkeeper delete`).
+    Delete {
+        /// The VM.
+        vm: crate::model::VmName,
+        /// The local date T.
+        date: chrono::NaiveDate,
+        /// The instant to judge the request as of; only root may set it.
+        now: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// Cancel a deletion requested with `vmkeeper delete`.
+    CancelDeletion {
+        /// The VM.
+        vm: crate::model::VmName,
+        /// The instant to judge the request as of; only root may set it.
+        now: Option<chrono::DateTime<chrono::Utc>>,
+    },
 }
 
 impl Request {
@@ -47,8 +63,11 @@ impl Request {
     pub fn is_mutating(&self) -> bool {
         match self {
             Request::Status | Request::MaintenanceList => false,
-            Request::Reboot { .. } | Request::MaintenanceRequest { .. } => true,
-            Request::RunDue { .. } => true,
+            Request::Reboot { .. }
+            | Request::MaintenanceRequest { .. }
+            | Request::RunDue { .. }
+            | Request::Delete { .. }
+            | Request::CancelDeletion { .. } => true,
         }
     }
 }

@@ -91,6 +91,38 @@ enum Command {
         #[arg(long, value_parser = instant)]
         now: Option<DateTime<Utc>>,
     },
+    /// Schedule a VM's deletion for a local date (T = midnight at its start); root and the
+    /// authorized group only.
+    Delete {
+        /// The VM.
+        name: crate::model::VmName,
+        /// The date D (YYYY-MM-DD); at least the date that begins at the next local midnight.
+        #[arg(long, value_parser = crate::localtime::parse_date)]
+        at: chrono::NaiveDate,
+        /// The daemon's configuration (to find its API socket under runtimeDir).
+        #[arg(long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The daemon's API socket; default /run/vmkeeper/api.sock.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Judge the request as of this instant (RFC 3339); root only.
+        #[arg(long, value_parser = instant)]
+        now: Option<DateTime<Utc>>,
+    },
+    /// Cancel a deletion requested with `vmkeeper delete`, until T + 3 days.
+    CancelDeletion {
+        /// The VM.
+        name: crate::model::VmName,
+        /// The daemon's configuration (to find its API socket under runtimeDir).
+        #[arg(long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The daemon's API socket; default /run/vmkeeper/api.sock.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Judge the request as of this instant (RFC 3339); root only.
+        #[arg(long, value_parser = instant)]
+        now: Option<DateTime<Utc>>,
+    },
     /// List the next maintenance windows as instants with UTC offsets.
     Windows {
         /// The JSON configuration.
@@ -276,6 +308,51 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "ran what was due at {}",
                 value["ranAt"].as_str().unwrap_or("?")
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delete {
+            name,
+            at,
+            config,
+            socket,
+            now,
+        } => {
+            let Some(socket) = api_socket(socket, config)? else {
+                return Ok(ExitCode::FAILURE);
+            };
+            let req = crate::api::Request::Delete {
+                vm: name.clone(),
+                date: at,
+                now,
+            };
+            let value = call_daemon(&socket, &req)?;
+            println!("{name} is deleted on {at}:");
+            for s in value["stages"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:<15} {}",
+                    s["stage"].as_str().unwrap_or("?"),
+                    s["at"].as_str().unwrap_or("?")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CancelDeletion {
+            name,
+            config,
+            socket,
+            now,
+        } => {
+            let Some(socket) = api_socket(socket, config)? else {
+                return Ok(ExitCode::FAILURE);
+            };
+            call_daemon(
+                &socket,
+                &crate::api::Request::CancelDeletion {
+                    vm: name.clone(),
+                    now,
+                },
+            )?;
+            println!("the deletion of {name} is cancelled; the VM is kept as it was");
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { file } => check_config(&file),

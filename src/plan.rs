@@ -366,6 +366,8 @@ impl Planner<'_> {
         let name = &spec.name;
         let schedule = Schedule::new(self.tz, d.date);
         if d.progress.has_done(Stage::Purge) {
+            // The remaining stages run whether or not the name is declared again.
+            self.timeline(name, d.date, &d.source, d.progress);
             let free = schedule.date_of(Stage::ReleaseName);
             self.refuse(
                 name,

@@ -162,6 +162,9 @@ pub struct Deletion {
     /// Addresses held until the purge.
     #[serde(default)]
     pub ip_addresses: Vec<IpAddr>,
+    /// Monitoring downtime recorded at the announcement: from T on, the VM is expected down.
+    #[serde(default)]
+    pub downtime_from: Option<DateTime<Utc>>,
 }
 
 /// What vmkeeper is about to do, persisted before it acts.

@@ -128,6 +128,7 @@ impl Daemon {
         d.spawn_signals()?;
         d.check_boot().await;
         d.adopt().await?;
+        d.resume_deletions().await;
         d.save();
         d.sync_maintenance_timers().await;
         notify_ready();
@@ -1135,6 +1136,8 @@ impl Daemon {
                     serde_json::json!({ "ranAt": rfc3339(now.with_timezone(&self.config.timezone)) }),
                 )
             }
+            Request::Delete { vm, date, now } => self.api_delete(vm, date, now, caller).await,
+            Request::CancelDeletion { vm, now } => self.api_cancel_deletion(vm, now, caller).await,
             Request::Status => {
                 let observed = self.observe().await.unwrap_or_default();
                 let plan = plan::plan(&self.config, &observed, &self.state, Utc::now());

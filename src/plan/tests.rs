@@ -337,6 +337,7 @@ fn deletion(s: &mut State, name: &str, date: &str, source: DeletionSource, last:
             progress: last.map_or(Progress::Scheduled, |last| Progress::Done { last }),
             stage_started: None,
             ip_addresses: vec!["192.0.2.10".parse().unwrap()],
+            downtime_from: None,
         },
     );
 }
@@ -412,6 +413,15 @@ fn removing_a_vm_schedules_its_deletion_loudly_and_declaring_it_again_cancels() 
         [ReservedName {
             vm: n("old"),
             free_on: "2027-01-08".parse().unwrap()
+        }]
+    );
+    // Declared again or not, the remaining stages still run.
+    let p = plan(&c, &Observed::default(), &s, t("2026-12-09T12:00:00+01:00"));
+    assert_eq!(
+        p.actions,
+        [Action::RunDeletionStage {
+            vm: n("old"),
+            stage: Stage::DeleteBackups
         }]
     );
 }
