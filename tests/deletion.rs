@@ -279,7 +279,11 @@ fn a_cli_deletion_is_announced_shuts_down_and_a_cancel_brings_the_vm_back() {
         .filter(|e| e["MESSAGE_ID"] == AUDIT)
         .collect();
     assert_eq!(audit.len(), 2, "both accepted calls are audited: {audit:?}");
-    assert!(audit.iter().all(|e| e["UID"] == "0" && e["USER"] == "root"));
+    assert!(
+        audit
+            .iter()
+            .all(|e| e["CALLER_UID"] == "0" && e["CALLER"] == "root")
+    );
     // Every stage has its timer, named after the VM.
     assert_eq!(timers(&host, vm).len(), 5, "{:?}", timers(&host, vm));
     // What a timer runs works under systemd: start one stage's service by hand (nothing is due

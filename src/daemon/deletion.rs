@@ -443,7 +443,7 @@ impl Daemon {
         now: Option<DateTime<Utc>>,
         caller: &Caller,
     ) -> Response {
-        audit(caller, &vm, "delete", &format!("delete {vm} on {date}"));
+        super::audit(caller, "delete", &vm);
         let now = match self.api_now(now, caller) {
             Ok(n) => n,
             Err(r) => return r,
@@ -498,12 +498,7 @@ impl Daemon {
         now: Option<DateTime<Utc>>,
         caller: &Caller,
     ) -> Response {
-        audit(
-            caller,
-            &vm,
-            "cancel-deletion",
-            &format!("cancel the deletion of {vm}"),
-        );
+        super::audit(caller, "cancel-deletion", &vm);
         let now = match self.api_now(now, caller) {
             Ok(n) => n,
             Err(r) => return r,
@@ -631,20 +626,6 @@ fn timeline_json(vm: &VmName, schedule: &Schedule) -> serde_json::Value {
 }
 
 /// An accepted user command, in the journal with who asked.
-fn audit(caller: &Caller, vm: &VmName, action: &str, what: &str) {
-    let user = caller.user.as_deref().unwrap_or("?");
-    info!(
-        message_id = Event::Audit.message_id(),
-        vm = vm.as_str(),
-        action,
-        uid = caller.uid,
-        user,
-        planned = true,
-        "{what}: requested by {user} (uid {})",
-        caller.uid
-    );
-}
-
 /// Stops the daemon dead at a named point when `VMKEEPER_FAILPOINT` asks for it, so tests can
 /// `kill -9` it there. Never set in production.
 async fn failpoint(point: &str, stage: Stage) {

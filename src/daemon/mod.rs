@@ -1187,6 +1187,13 @@ impl Daemon {
                         .map(ToString::to_string)
                         .collect(),
                     last_unplanned: record.and_then(|r| r.last_unplanned.clone()),
+                    deletion_date: self.state.deletions.get(n).map(|d| d.date),
+                    downtime_from: self
+                        .state
+                        .deletions
+                        .get(n)
+                        .and_then(|d| d.downtime_from)
+                        .map(|t| rfc3339(t.with_timezone(&tz))),
                 }
             })
             .collect()
@@ -1208,6 +1215,10 @@ pub struct VmStatus {
     in_maintenance: bool,
     refusals: Vec<String>,
     last_unplanned: Option<Unplanned>,
+    /// The date the VM is deleted on, when a deletion is under way.
+    deletion_date: Option<chrono::NaiveDate>,
+    /// Monitoring downtime recorded by a deletion's announcement: from T on.
+    downtime_from: Option<String>,
 }
 
 fn describe_reason(r: &Reason) -> String {
@@ -1231,7 +1242,7 @@ fn intent(action: &str, reason: &str, by: &str) -> Intent {
 }
 
 /// Records an accepted mutating call: who (from the kernel), what, on which VM.
-fn audit(caller: &Caller, action: &str, vm: &VmName) {
+pub(super) fn audit(caller: &Caller, action: &str, vm: &VmName) {
     let user = caller.user.as_deref().unwrap_or("?");
     info!(
         message_id = Event::Audit.message_id(),
