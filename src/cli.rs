@@ -53,12 +53,8 @@ enum Command {
     },
     /// Show every VM's state as the daemon sees it.
     Status {
-        /// The daemon's configuration (to find its API socket under runtimeDir).
-        #[arg(long, conflicts_with = "socket")]
-        config: Option<PathBuf>,
-        /// The daemon's API socket; default /run/vmkeeper/api.sock.
-        #[arg(long)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -81,12 +77,8 @@ enum Command {
     },
     /// Run what is due now: the command maintenance and deletion timers run.
     RunDue {
-        /// The daemon's configuration (to find its API socket under runtimeDir).
-        #[arg(long, conflicts_with = "socket")]
-        config: Option<PathBuf>,
-        /// The daemon's API socket; default /run/vmkeeper/api.sock.
-        #[arg(long)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
         /// Act as of this instant (RFC 3339) instead of the clock; root only.
         #[arg(long, value_parser = instant)]
         now: Option<DateTime<Utc>>,
@@ -99,12 +91,8 @@ enum Command {
         /// The date D (YYYY-MM-DD); at least the date that begins at the next local midnight.
         #[arg(long, value_parser = crate::localtime::parse_date)]
         at: chrono::NaiveDate,
-        /// The daemon's configuration (to find its API socket under runtimeDir).
-        #[arg(long, conflicts_with = "socket")]
-        config: Option<PathBuf>,
-        /// The daemon's API socket; default /run/vmkeeper/api.sock.
-        #[arg(long)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
         /// Judge the request as of this instant (RFC 3339); root only.
         #[arg(long, value_parser = instant)]
         now: Option<DateTime<Utc>>,
@@ -113,12 +101,8 @@ enum Command {
     CancelDeletion {
         /// The VM.
         name: crate::model::VmName,
-        /// The daemon's configuration (to find its API socket under runtimeDir).
-        #[arg(long, conflicts_with = "socket")]
-        config: Option<PathBuf>,
-        /// The daemon's API socket; default /run/vmkeeper/api.sock.
-        #[arg(long)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
         /// Judge the request as of this instant (RFC 3339); root only.
         #[arg(long, value_parser = instant)]
         now: Option<DateTime<Utc>>,
@@ -207,12 +191,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             rt.block_on(crate::daemon::run(&config))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status {
-            config,
-            socket,
-            json,
-        } => {
-            let Some(socket) = api_socket(socket, config)? else {
+        Command::Status { daemon, json } => {
+            let Some(socket) = api_socket(daemon)? else {
                 return Ok(ExitCode::FAILURE);
             };
             let value = call_daemon(&socket, &crate::api::Request::Status)?;
@@ -226,7 +206,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Reboot { name, now, daemon } => {
-            let Some(socket) = api_socket(daemon.socket, daemon.config)? else {
+            let Some(socket) = api_socket(daemon)? else {
                 return Ok(ExitCode::FAILURE);
             };
             if now {
@@ -248,7 +228,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Maintenance { command } => match command {
             MaintenanceCommand::List { daemon, json } => {
-                let Some(socket) = api_socket(daemon.socket, daemon.config)? else {
+                let Some(socket) = api_socket(daemon)? else {
                     return Ok(ExitCode::FAILURE);
                 };
                 let v = call_daemon(&socket, &crate::api::Request::MaintenanceList)?;
@@ -279,7 +259,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 reason,
                 daemon,
             } => {
-                let Some(socket) = api_socket(daemon.socket, daemon.config)? else {
+                let Some(socket) = api_socket(daemon)? else {
                     return Ok(ExitCode::FAILURE);
                 };
                 let req = crate::api::Request::MaintenanceRequest {
@@ -295,12 +275,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
-        Command::RunDue {
-            config,
-            socket,
-            now,
-        } => {
-            let Some(socket) = api_socket(socket, config)? else {
+        Command::RunDue { daemon, now } => {
+            let Some(socket) = api_socket(daemon)? else {
                 return Ok(ExitCode::FAILURE);
             };
             let value = call_daemon(&socket, &crate::api::Request::RunDue { now })?;
@@ -313,11 +289,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Delete {
             name,
             at,
-            config,
-            socket,
+            daemon,
             now,
         } => {
-            let Some(socket) = api_socket(socket, config)? else {
+            let Some(socket) = api_socket(daemon)? else {
                 return Ok(ExitCode::FAILURE);
             };
             let req = crate::api::Request::Delete {
@@ -336,13 +311,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::CancelDeletion {
-            name,
-            config,
-            socket,
-            now,
-        } => {
-            let Some(socket) = api_socket(socket, config)? else {
+        Command::CancelDeletion { name, daemon, now } => {
+            let Some(socket) = api_socket(daemon)? else {
                 return Ok(ExitCode::FAILURE);
             };
             call_daemon(
@@ -449,8 +419,8 @@ fn load_or_report(file: &std::path::Path) -> Result<Option<config::Checked>> {
 }
 
 /// The daemon's API socket: given, from the configuration's runtimeDir, or the default.
-fn api_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<Option<PathBuf>> {
-    Ok(Some(match (socket, config) {
+fn api_socket(daemon: DaemonArgs) -> Result<Option<PathBuf>> {
+    Ok(Some(match (daemon.socket, daemon.config) {
         (Some(s), _) => s,
         (None, Some(c)) => match load_or_report(&c)? {
             Some(checked) => checked.config.runtime_dir.join(crate::api::SOCKET),
