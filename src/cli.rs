@@ -490,6 +490,9 @@ fn render_status(v: &serde_json::Value) -> String {
                 vm["maintenanceSlot"]["end"].as_str().unwrap_or("?")
             ));
         }
+        if let Some(date) = vm["deletionDate"].as_str() {
+            notes.push(format!("deleted on {date}"));
+        }
         if vm["inMaintenance"].as_bool() == Some(true) {
             notes.push("IN MAINTENANCE".into());
         }
