@@ -73,8 +73,9 @@ struct Runtime {
     announced_pending: Option<Resources>,
 }
 
-/// Spaces out the attempts of an operation that keeps failing: none before `not_before`,
-/// and the wait doubles with each failure, from [`MIN_BACKOFF`] up to [`MAX_BACKOFF`].
+/// Spaces out the attempts of an operation that keeps failing: none before `not_before`;
+/// the wait doubles with each failure (twice [`MIN_BACKOFF`] after the first), up to
+/// [`MAX_BACKOFF`].
 #[derive(Default)]
 struct Backoff {
     failures: u32,
