@@ -40,7 +40,7 @@ impl Daemon {
             }
             Action::RunDeletionStage { vm, stage } => {
                 if let Err(e) = self.run_stage(&vm, stage, now).await {
-                    self.failed(&vm, &format!("deletion stage {stage}"), &e);
+                    self.failed(&vm, &format!("deletion stage {stage}"), &e, None);
                 }
             }
             _ => return,
@@ -67,7 +67,7 @@ impl Daemon {
                 "finishing deletion stage {stage}, interrupted before it was recorded as done"
             );
             if let Err(e) = self.run_stage(&vm, stage, Utc::now()).await {
-                self.failed(&vm, &format!("deletion stage {stage}"), &e);
+                self.failed(&vm, &format!("deletion stage {stage}"), &e, None);
             }
         }
         self.sync_deletion_timers().await;

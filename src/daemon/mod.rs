@@ -67,10 +67,100 @@ struct Runtime {
     main_pid: Option<u32>,
     last_reset: Option<Instant>,
     guest_shutdown: Option<String>,
-    failures: u32,
-    not_before: Option<Instant>,
+    start_backoff: Backoff,
+    grow_backoff: Backoff,
     announced_refusals: BTreeSet<String>,
     announced_pending: Option<Resources>,
+}
+
+/// Spaces out the attempts of an operation that keeps failing: none before `not_before`;
+/// the wait doubles with each failure (twice [`MIN_BACKOFF`] after the first), up to
+/// [`MAX_BACKOFF`].
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+    not_before: Option<Instant>,
+}
+
+impl Backoff {
+    fn waiting(&self, now: Instant) -> bool {
+        self.not_before.is_some_and(|t| now < t)
+    }
+
+    /// Records a failure; returns the wait before the next attempt.
+    fn failed(&mut self, now: Instant) -> Duration {
+        self.failures += 1;
+        let delay = MIN_BACKOFF
+            .saturating_mul(1 << self.failures.min(16))
+            .min(MAX_BACKOFF);
+        self.not_before = Some(now + delay);
+        delay
+    }
+
+    fn succeeded(&mut self) {
+        *self = Backoff::default();
+    }
+}
+
+/// Observes every VM unit with one `ListUnitsByPatterns` call: what the daemon sees of the
+/// host on every pass. Disk sizes are the recorded ones; units of VMs neither declared nor
+/// on record belong to someone else and are left out.
+pub async fn observe(
+    systemd: &Systemd,
+    config: &Config,
+    state: &State,
+) -> Result<Observed, systemd::SystemdError> {
+    let pattern = format!("{}*.service", systemd::VM_UNIT_PREFIX);
+    let units = systemd.list_units(&[&pattern]).await?;
+    let mut observed = Observed::default();
+    for (name, r) in &state.vms {
+        observed.vms.insert(
+            name.clone(),
+            ObservedVm {
+                running: false,
+                disk_gib: Some(r.applied.disk_gib),
+                outdated: None,
+            },
+        );
+    }
+    for u in units {
+        let Some(vm) = vm_of_unit(config, state, &u.name) else {
+            continue;
+        };
+        let running = matches!(
+            u.active_state,
+            ActiveState::Active
+                | ActiveState::Activating
+                | ActiveState::Reloading
+                | ActiveState::Deactivating
+        );
+        observed.vms.entry(vm).or_default().running = running;
+    }
+    Ok(observed)
+}
+
+/// One reconcile pass up to its plan, exactly as the daemon runs it on every wake-up: observe
+/// (one D-Bus call), then plan for `now`. The daemon then applies the plan's actions; when
+/// there is nothing to do there are none, and this is the whole pass (examples/bench_daemon
+/// times it).
+pub async fn plan_pass(
+    systemd: &Systemd,
+    config: &Config,
+    state: &State,
+    now: DateTime<Utc>,
+) -> Result<Plan, systemd::SystemdError> {
+    let observed = observe(systemd, config, state).await?;
+    Ok(plan::plan(config, &observed, state, now))
+}
+
+/// The VM a unit runs, if the unit is a VM unit and the VM is ours: declared or on record.
+/// Units of other names are someone else's (another vmkeeper instance in tests).
+fn vm_of_unit(config: &Config, state: &State, unit: &str) -> Option<VmName> {
+    let name = unit
+        .strip_prefix(systemd::VM_UNIT_PREFIX)?
+        .strip_suffix(".service")?;
+    let vm: VmName = name.parse().ok()?;
+    (config.vms.contains_key(&vm) || state.vms.contains_key(&vm)).then_some(vm)
 }
 
 /// Runs the daemon until SIGTERM.
@@ -138,7 +228,7 @@ impl Daemon {
     async fn main_loop(&mut self) -> Result<()> {
         self.reconcile().await;
         loop {
-            let wake = tokio::time::timeout(TICK, self.rx.recv()).await;
+            let wake = tokio::time::timeout(self.next_pass(), self.rx.recv()).await;
             match wake {
                 Ok(Some(Wake::Terminate)) | Ok(None) => {
                     info!("vmkeeper daemon stops; VMs keep running");
@@ -158,6 +248,19 @@ impl Daemon {
             }
             self.reconcile().await;
         }
+    }
+
+    /// How long the loop may wait for a wake-up: until the first retry a backoff allows, at
+    /// most [`TICK`].
+    fn next_pass(&self) -> Duration {
+        let now = Instant::now();
+        self.vms
+            .values()
+            .flat_map(|rt| [rt.start_backoff.not_before, rt.grow_backoff.not_before])
+            .flatten()
+            .filter(|t| *t > now)
+            .map(|t| t - now)
+            .fold(TICK, Duration::min)
     }
 
     fn spawn_api(&self) -> Result<()> {
@@ -232,11 +335,7 @@ impl Daemon {
     }
 
     fn vm_of_unit(&self, unit: &str) -> Option<VmName> {
-        let name = unit
-            .strip_prefix(systemd::VM_UNIT_PREFIX)?
-            .strip_suffix(".service")?;
-        let vm: VmName = name.parse().ok()?;
-        self.ours(&vm).then_some(vm)
+        vm_of_unit(&self.config, &self.state, unit)
     }
 
     /// A changed boot id means the host rebooted: every VM that was running stopped unplanned,
@@ -554,45 +653,25 @@ impl Daemon {
     }
 
     async fn observe(&mut self) -> Option<Observed> {
-        let pattern = format!("{}*.service", systemd::VM_UNIT_PREFIX);
-        let units = match self.systemd.list_units(&[&pattern]).await {
-            Ok(u) => u,
+        match observe(&self.systemd, &self.config, &self.state).await {
+            Ok(mut observed) => {
+                for (name, r) in &self.state.vms {
+                    if let Some(seen) = observed.vms.get_mut(name) {
+                        seen.outdated = self.outdated(name, r);
+                    }
+                }
+                Some(observed)
+            }
             Err(e) => {
                 warn!(
                     message_id = Event::OperationFailed.message_id(),
                     "cannot list units: {e}"
                 );
-                return None;
+                None
             }
-        };
-        let mut observed = Observed::default();
-        for (name, r) in &self.state.vms {
-            observed.vms.insert(
-                name.clone(),
-                ObservedVm {
-                    running: false,
-                    disk_gib: Some(r.applied.disk_gib),
-                    outdated: self.outdated(name, r),
-                },
-            );
         }
-        for u in units {
-            let Some(vm) = self.vm_of_unit(&u.name) else {
-                continue;
-            };
-            let running = matches!(
-                u.active_state,
-                ActiveState::Active
-                    | ActiveState::Activating
-                    | ActiveState::Reloading
-                    | ActiveState::Deactivating
-            );
-            observed.vms.entry(vm).or_default().running = running;
-        }
-        Some(observed)
     }
 
-    /// Observes, plans for the clock's now and applies.
     /// Whether a VM's QEMU would be started differently now: another command line (a new
     /// vmkeeper or configuration) or a QEMU binary replaced on disk since it started.
     fn outdated(&self, vm: &VmName, record: &VmRecord) -> Option<String> {
@@ -626,10 +705,16 @@ impl Daemon {
     /// Observes, plans for `now` and applies. `run-due --now` (root only) drives time through
     /// here, the same path the timers use.
     async fn reconcile_at(&mut self, now: DateTime<Utc>) {
-        let Some(observed) = self.observe().await else {
-            return;
+        let plan = match plan_pass(&self.systemd, &self.config, &self.state, now).await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(
+                    message_id = Event::OperationFailed.message_id(),
+                    "cannot list units: {e}"
+                );
+                return;
+            }
         };
-        let plan = plan::plan(&self.config, &observed, &self.state, now);
         self.report(&plan);
         for action in plan.actions {
             self.apply(action, now).await;
@@ -676,33 +761,24 @@ impl Daemon {
                     return;
                 };
                 if let Err(e) = self.create_disk(&spec, size_gib, clone_from).await {
-                    self.failed(&vm, "create disk", &e);
+                    self.failed(&vm, "create-disk", &e, None);
                 }
             }
             Action::Start { vm, resources } => {
                 let Some(spec) = self.config.vms.get(&vm).cloned() else {
                     return;
                 };
-                if self
-                    .runtime(&vm)
-                    .not_before
-                    .is_some_and(|t| Instant::now() < t)
-                {
+                if self.runtime(&vm).start_backoff.waiting(Instant::now()) {
                     return;
                 }
                 if let Err(e) = self.start_vm(&spec, resources, "declared online").await {
-                    let rt = self.runtime(&vm);
-                    rt.failures += 1;
-                    let delay = MIN_BACKOFF
-                        .saturating_mul(1 << rt.failures.min(16))
-                        .min(MAX_BACKOFF);
-                    rt.not_before = Some(Instant::now() + delay);
-                    self.failed(&vm, &format!("start (next attempt in {delay:?})"), &e);
+                    let delay = self.runtime(&vm).start_backoff.failed(Instant::now());
+                    self.failed(&vm, "start", &e, Some(delay));
                 }
             }
             Action::Stop { vm, reason } => {
                 if let Err(e) = self.stop_vm(&vm, &reason, "vmkeeper").await {
-                    self.failed(&vm, "stop", &e);
+                    self.failed(&vm, "stop", &e, None);
                 }
             }
             Action::GrowDisk {
@@ -711,8 +787,17 @@ impl Daemon {
                 to_gib,
                 live,
             } => {
-                if let Err(e) = self.grow_disk(&vm, from_gib, to_gib, live).await {
-                    self.failed(&vm, "grow disk", &e);
+                // The plan asks again on every pass until the disk has grown; a failing grow
+                // (Ceph down) is retried on the backoff's schedule, not on every wake-up.
+                if self.runtime(&vm).grow_backoff.waiting(Instant::now()) {
+                    return;
+                }
+                match self.grow_disk(&vm, from_gib, to_gib, live).await {
+                    Ok(()) => self.runtime(&vm).grow_backoff.succeeded(),
+                    Err(e) => {
+                        let delay = self.runtime(&vm).grow_backoff.failed(Instant::now());
+                        self.failed(&vm, "grow-disk", &e, Some(delay));
+                    }
                 }
             }
             Action::ScheduleMaintenance {
@@ -729,7 +814,7 @@ impl Daemon {
             }
             Action::MaintenanceReboot { vm, .. } => {
                 if let Err(e) = self.maintenance_reboot(&vm).await {
-                    self.failed(&vm, "maintenance reboot", &e);
+                    self.failed(&vm, "maintenance-reboot", &e, None);
                 }
             }
             a @ (Action::ScheduleDeletion { .. }
@@ -738,14 +823,16 @@ impl Daemon {
         }
     }
 
-    fn failed(&mut self, vm: &VmName, what: &str, e: &anyhow::Error) {
+    /// Journals a failed operation; `retry` says when it is tried again, if it is.
+    fn failed(&mut self, vm: &VmName, what: &str, e: &anyhow::Error, retry: Option<Duration>) {
+        let next = retry.map_or(String::new(), |d| format!("; next attempt in {d:?}"));
         warn!(
             message_id = Event::OperationFailed.message_id(),
             vm = vm.as_str(),
             action = what,
             reason = %format!("{e:#}"),
             planned = true,
-            "{what} of VM {vm} failed: {e:#}"
+            "VM {vm}: {what} failed: {e:#}{next}"
         );
     }
 
@@ -880,8 +967,7 @@ impl Daemon {
         let rt = self.runtime(vm);
         rt.invocation_id = details.as_ref().map(|d| d.invocation_id.clone());
         rt.main_pid = details.and_then(|d| d.main_pid);
-        rt.failures = 0;
-        rt.not_before = None;
+        rt.start_backoff.succeeded();
         rt.announced_pending = None;
         journal(
             Event::VmStarted,

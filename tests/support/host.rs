@@ -17,6 +17,7 @@ pub const STOPPED: &str = "43285ae08a3442daae2684d12070b7c4";
 pub const ADOPTED: &str = "74137d52afc0430b8ee78ca6de7be8ee";
 pub const REFUSED: &str = "ccf4d8956bc44914b5f421a2e3764e6b";
 pub const GROWN: &str = "e5d7e239d53b4ffd90a42792a9d67a92";
+pub const FAILED: &str = "a20647aaa26f4c73a16f17dc0727e58f";
 
 /// One daemon with its configuration, under a scratch directory.
 pub struct Host {

@@ -1,0 +1,150 @@
+//! A Ceph outage under a running daemon: with the only OSD stopped, a live grow fails with a
+//! clear error naming the VM and the operation, the daemon and the other VM keep running,
+//! and the grow succeeds once the OSD is back.
+//!
+//! Stopping the OSD stops every other test's Ceph too, so this binary never shares a harness:
+//! nextest's default profiles leave it out, and scripts/test.sh runs it alone in a harness
+//! of its own (`--profile outage`), see docs/development/testing.md.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::Harness;
+use support::host::*;
+
+/// The harness's only OSD, frozen with SIGSTOP until dropped.
+///
+/// Frozen rather than killed: the OSD keeps its objects in memory (memstore), so a killed
+/// one comes back empty. To clients a frozen OSD is a down one: every request to it waits
+/// until their OSD timeout (vmkeeper's 30 s).
+struct StoppedOsd {
+    pid: String,
+}
+
+impl StoppedOsd {
+    fn stop(h: &Harness) -> StoppedOsd {
+        let pidfile = h.dir.join("ceph/run/ceph-osd.0.pid");
+        let pid = std::fs::read_to_string(&pidfile)
+            .unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()))
+            .trim()
+            .to_owned();
+        signal(&pid, "STOP");
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        assert!(
+            state.contains(") T "),
+            "ceph-osd {pid} not stopped: {state}"
+        );
+        StoppedOsd { pid }
+    }
+}
+
+impl Drop for StoppedOsd {
+    fn drop(&mut self) {
+        signal(&self.pid, "CONT");
+    }
+}
+
+fn signal(pid: &str, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+#[test]
+fn a_grow_fails_clearly_while_the_osd_is_down_and_succeeds_after() {
+    let mut host = Host::new(
+        "outage",
+        &[("outage-a", json!({})), ("outage-b", json!({}))],
+    );
+    host.start_daemon();
+    for vm in ["outage-a", "outage-b"] {
+        host.wait_vmsize(vm, Host::sectors(30), 0, BOOT);
+    }
+    let pid_a = host.vm_status("outage-a")["qemuPid"].clone();
+    let pid_b = host.vm_status("outage-b")["qemuPid"].clone();
+
+    let osd = StoppedOsd::stop(host.h);
+    let stopped = Instant::now();
+    let mark_a = host.console_len("outage-a");
+    let mark_b = host.console_len("outage-b");
+    host.change("outage-a", json!({ "diskGiB": 35 }));
+
+    // The grow fails after the OSD timeout, naming the VM and the operation.
+    wait_until(Duration::from_secs(90), "grow failure journaled", || {
+        host.journal("outage-a")
+            .iter()
+            .any(|e| e["MESSAGE_ID"] == FAILED && e["ACTION"] == "grow-disk")
+    });
+    eprintln!(
+        "grow failed {:.1} s after the OSD stopped",
+        stopped.elapsed().as_secs_f64()
+    );
+    let failure = host
+        .journal("outage-a")
+        .into_iter()
+        .find(|e| e["MESSAGE_ID"] == FAILED)
+        .unwrap();
+    let message = failure["MESSAGE"].as_str().unwrap();
+    eprintln!("journal: {message}");
+    assert!(
+        message.starts_with("VM outage-a: grow-disk failed: ") && message.contains("outage-a"),
+        "{failure}"
+    );
+    assert!(message.contains("next attempt in"), "{failure}");
+    assert_eq!(failure["VM"], "outage-a");
+
+    // Nothing else is disturbed: the daemon answers, both QEMUs still run, and the other
+    // guest keeps printing (it reads its disk size from sysfs, no I/O to the frozen OSD).
+    assert!(host.active(&host.unit), "the daemon stays up");
+    let asked = Instant::now();
+    let b = host.vm_status("outage-b");
+    eprintln!(
+        "status answered in {:.1} s during the outage",
+        asked.elapsed().as_secs_f64()
+    );
+    assert_eq!(b["running"], true);
+    assert_eq!(b["qemuPid"], pid_b);
+    host.wait_vmsize(
+        "outage-b",
+        Host::sectors(30),
+        mark_b,
+        Duration::from_secs(10),
+    );
+    let a = host.vm_status("outage-a");
+    assert_eq!(a["qemuPid"], pid_a);
+    assert_eq!(a["applied"]["diskGiB"], 30);
+    let seen = std::fs::read_to_string(host.console("outage-a")).unwrap();
+    assert!(!seen[mark_a..].contains(&format!("VMSIZE vda={}", Host::sectors(35))));
+
+    drop(osd);
+    let resumed = Instant::now();
+    // Retried on the backoff's schedule, without any further event.
+    host.wait_vmsize(
+        "outage-a",
+        Host::sectors(35),
+        mark_a,
+        Duration::from_secs(120),
+    );
+    eprintln!(
+        "guest saw the new size {:.1} s after the OSD came back",
+        resumed.elapsed().as_secs_f64()
+    );
+    wait_until(Duration::from_secs(10), "grow journaled", || {
+        host.journal("outage-a")
+            .iter()
+            .any(|e| e["MESSAGE_ID"] == GROWN && e["ACTION"] == "grow-disk")
+    });
+    assert_eq!(host.h.image_size("outage-a"), 35 << 30);
+    assert_eq!(host.vm_status("outage-a")["qemuPid"], pid_a);
+    assert_eq!(host.vm_status("outage-b")["qemuPid"], pid_b);
+    assert!(host.active(&host.unit), "the daemon stays up");
+    assert_eq!(
+        host.count("outage-a", UNPLANNED) + host.count("outage-b", UNPLANNED),
+        0
+    );
+}
