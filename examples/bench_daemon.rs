@@ -104,7 +104,12 @@ fn declared(dir: &Path, n: usize) -> Res<(Config, State)> {
         .map_err(|problems| format!("bench config invalid: {problems:?}"))?
         .config;
     let mut state = State::default();
-    for name in config.vms.keys() {
+    for (name, spec) in &config.vms {
+        // Recorded as started with today's command line, so each pass compares it in full
+        // (the outdated-QEMU check) and finds nothing to do.
+        let paths = vmkeeper::render::VmPaths::new(&config.runtime_dir, name);
+        let mut argv = vmkeeper::render::qemu_argv(&config, spec, DECLARED, &paths);
+        argv[0] = vmkeeper::daemon::resolve_program(&argv[0]);
         state.vms.insert(
             name.clone(),
             VmRecord {
@@ -112,7 +117,7 @@ fn declared(dir: &Path, n: usize) -> Res<(Config, State)> {
                 running: true,
                 ip_addresses: vec![],
                 last_unplanned: None,
-                argv: vec![],
+                argv,
             },
         );
     }
@@ -194,14 +199,14 @@ async fn passes(sd: &Systemd, nsenter: &[String], scratch: &Path, counts: &[usiz
         for _ in 0..ROUNDS {
             let now = Utc::now();
             let t = Instant::now();
-            let p = plan_pass(sd, &config, &state, now).await?;
+            let p = plan_pass(sd, &config, &state, &BTreeMap::new(), now).await?;
             pass.push(t.elapsed());
             if !p.actions.is_empty() || !p.refusals.is_empty() || !p.pending.is_empty() {
                 return Err(format!("the pass for {n} VMs is not idle: {p:?}").into());
             }
         }
         // The planner's share, on the same observation.
-        let observed = observe(sd, &config, &state).await?;
+        let observed = observe(sd, &config, &state, &BTreeMap::new()).await?;
         if observed.vms.values().filter(|v| v.running).count() != n {
             return Err(format!("not all {n} stand-ins observed running").into());
         }

@@ -104,22 +104,26 @@ impl Backoff {
 
 /// Observes every VM unit with one `ListUnitsByPatterns` call: what the daemon sees of the
 /// host on every pass. Disk sizes are the recorded ones; units of VMs neither declared nor
-/// on record belong to someone else and are left out.
+/// on record belong to someone else and are left out. `main_pids` (the QEMU pids the daemon
+/// knows) let it notice a QEMU binary replaced on disk.
 pub async fn observe(
     systemd: &Systemd,
     config: &Config,
     state: &State,
+    main_pids: &BTreeMap<VmName, u32>,
 ) -> Result<Observed, systemd::SystemdError> {
     let pattern = format!("{}*.service", systemd::VM_UNIT_PREFIX);
     let units = systemd.list_units(&[&pattern]).await?;
     let mut observed = Observed::default();
+    // Resolved once per pass: a PATH lookup per VM would cost a pass of 1000 VMs dearly.
+    let qemu = resolve_program(&config.qemu.binary.display().to_string());
     for (name, r) in &state.vms {
         observed.vms.insert(
             name.clone(),
             ObservedVm {
                 running: false,
                 disk_gib: Some(r.applied.disk_gib),
-                outdated: None,
+                outdated: outdated(config, &qemu, name, r, main_pids.get(name).copied()),
             },
         );
     }
@@ -147,10 +151,42 @@ pub async fn plan_pass(
     systemd: &Systemd,
     config: &Config,
     state: &State,
+    main_pids: &BTreeMap<VmName, u32>,
     now: DateTime<Utc>,
 ) -> Result<Plan, systemd::SystemdError> {
-    let observed = observe(systemd, config, state).await?;
+    let observed = observe(systemd, config, state, main_pids).await?;
     Ok(plan::plan(config, &observed, state, now))
+}
+
+/// Whether a VM's QEMU would be started differently now: another command line (a new
+/// vmkeeper or configuration) or a QEMU binary replaced on disk since it started.
+fn outdated(
+    config: &Config,
+    qemu: &str,
+    vm: &VmName,
+    record: &VmRecord,
+    pid: Option<u32>,
+) -> Option<String> {
+    if record.argv.is_empty() {
+        return None;
+    }
+    if let Some(pid) = pid
+        && let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe"))
+        && exe.to_string_lossy().ends_with(" (deleted)")
+    {
+        return Some("the QEMU binary was replaced (upgrade)".into());
+    }
+    let spec = config.vms.get(vm)?;
+    let paths = VmPaths::new(&config.runtime_dir, vm);
+    let mut argv = render::qemu_argv(config, spec, record.applied, &paths);
+    qemu.clone_into(&mut argv[0]);
+    (argv != record.argv).then(|| {
+        if argv[0] != record.argv[0] {
+            format!("QEMU changed from {} to {}", record.argv[0], argv[0])
+        } else {
+            "the QEMU command line changed".to_owned()
+        }
+    })
 }
 
 /// The VM a unit runs, if the unit is a VM unit and the VM is ours: declared or on record.
@@ -653,15 +689,8 @@ impl Daemon {
     }
 
     async fn observe(&mut self) -> Option<Observed> {
-        match observe(&self.systemd, &self.config, &self.state).await {
-            Ok(mut observed) => {
-                for (name, r) in &self.state.vms {
-                    if let Some(seen) = observed.vms.get_mut(name) {
-                        seen.outdated = self.outdated(name, r);
-                    }
-                }
-                Some(observed)
-            }
+        match observe(&self.systemd, &self.config, &self.state, &self.main_pids()).await {
+            Ok(observed) => Some(observed),
             Err(e) => {
                 warn!(
                     message_id = Event::OperationFailed.message_id(),
@@ -672,31 +701,14 @@ impl Daemon {
         }
     }
 
-    /// Whether a VM's QEMU would be started differently now: another command line (a new
-    /// vmkeeper or configuration) or a QEMU binary replaced on disk since it started.
-    fn outdated(&self, vm: &VmName, record: &VmRecord) -> Option<String> {
-        if record.argv.is_empty() {
-            return None;
-        }
-        if let Some(pid) = self.vms.get(vm).and_then(|r| r.main_pid)
-            && let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe"))
-            && exe.to_string_lossy().ends_with(" (deleted)")
-        {
-            return Some("the QEMU binary was replaced (upgrade)".into());
-        }
-        let spec = self.config.vms.get(vm)?;
-        let paths = VmPaths::new(&self.config.runtime_dir, vm);
-        let mut argv = render::qemu_argv(&self.config, spec, record.applied, &paths);
-        argv[0] = resolve_program(&argv[0]);
-        (argv != record.argv).then(|| {
-            if argv[0] != record.argv[0] {
-                format!("QEMU changed from {} to {}", record.argv[0], argv[0])
-            } else {
-                "the QEMU command line changed".to_owned()
-            }
-        })
+    fn main_pids(&self) -> BTreeMap<VmName, u32> {
+        self.vms
+            .iter()
+            .filter_map(|(n, rt)| rt.main_pid.map(|p| (n.clone(), p)))
+            .collect()
     }
 
+    /// Observes, plans for the clock's now and applies.
     async fn reconcile(&mut self) {
         // The daemon is the edge: it reads the clock and hands it to the pure planner.
         self.reconcile_at(Utc::now()).await;
@@ -705,7 +717,15 @@ impl Daemon {
     /// Observes, plans for `now` and applies. `run-due --now` (root only) drives time through
     /// here, the same path the timers use.
     async fn reconcile_at(&mut self, now: DateTime<Utc>) {
-        let plan = match plan_pass(&self.systemd, &self.config, &self.state, now).await {
+        let plan = match plan_pass(
+            &self.systemd,
+            &self.config,
+            &self.state,
+            &self.main_pids(),
+            now,
+        )
+        .await
+        {
             Ok(p) => p,
             Err(e) => {
                 warn!(
@@ -1355,7 +1375,7 @@ fn journal(event: Event, vm: &VmName, action: &str, reason: &str, planned: bool,
 }
 
 /// systemd needs an absolute ExecStart path; a bare name is looked up in PATH once here.
-fn resolve_program(program: &str) -> String {
+pub fn resolve_program(program: &str) -> String {
     if program.contains('/') {
         return program.to_owned();
     }
