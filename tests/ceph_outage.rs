@@ -32,12 +32,16 @@ impl StoppedOsd {
             .trim()
             .to_owned();
         signal(&pid, "STOP");
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        assert!(
-            state.contains(") T "),
-            "ceph-osd {pid} not stopped: {state}"
-        );
-        StoppedOsd { h, pid: Some(pid) }
+        // The guard exists before anything can fail, so the OSD is resumed whatever happens.
+        let osd = StoppedOsd {
+            h,
+            pid: Some(pid.clone()),
+        };
+        // SIGSTOP takes effect asynchronously: wait until the kernel shows the task stopped.
+        wait_until(Duration::from_secs(5), "ceph-osd stopped", || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") T "))
+        });
+        osd
     }
 
     /// Brings the OSD back as a restarted one comes back: running, and in a new interval.

@@ -282,7 +282,14 @@ impl Drop for Host {
         self.h.systemctl(&args);
         // Images go too, so a rerun on the same harness starts from scratch.
         for vm in &self.vms {
-            self.h.rbd(&["rm", "--no-progress", &self.h.image_spec(vm)]);
+            // Bounded, so a sick cluster cannot hang a test's teardown.
+            self.h.rbd(&[
+                "rm",
+                "--no-progress",
+                "--rados-osd-op-timeout=30",
+                "--rados-mon-op-timeout=30",
+                &self.h.image_spec(vm),
+            ]);
         }
     }
 }
