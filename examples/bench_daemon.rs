@@ -22,36 +22,24 @@ use chrono::Utc;
 use serde_json::json;
 use vmkeeper::config::{self, Config};
 use vmkeeper::daemon::{observe, plan_pass};
-use vmkeeper::exec::systemd::{ActiveState, JobResult, Systemd, TransientService};
+use vmkeeper::exec::systemd::Systemd;
 use vmkeeper::model::Resources;
 use vmkeeper::plan;
 use vmkeeper::state::{State, VmRecord};
 
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
+#[path = "standins/mod.rs"]
+mod standins;
+use standins::*;
 
 /// Repetitions of each in-process measurement; the median is printed.
 const ROUNDS: usize = 7;
 /// How long the idle daemon is watched.
 const IDLE: Duration = Duration::from_secs(60);
-const PATTERN: &str = "vmkeeper-vm-bench*";
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set: run this under the harness: scripts/bench-daemon.sh")
     })
-}
-
-fn vm_name(i: usize) -> String {
-    format!("bench{i:04}")
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
 }
 
 /// Runs a program inside the harness's namespaces (directly when the prefix is empty).
@@ -124,56 +112,6 @@ fn declared(dir: &Path, n: usize) -> Res<(Config, State)> {
     Ok((config, state))
 }
 
-async fn start_units(sd: &Systemd, from: usize, to: usize) -> Res<()> {
-    for i in from..to {
-        let unit = format!("vmkeeper-vm-{}.service", vm_name(i));
-        let argv = vec!["/bin/sleep".to_owned(), "infinity".to_owned()];
-        let mut service = TransientService::new(&unit, "vmkeeper benchmark stand-in", argv);
-        service.stop.timeout = Duration::from_secs(5);
-        let result = sd.start_service(&service).await?;
-        if result != JobResult::Done {
-            return Err(format!("start of {unit}: {result:?}").into());
-        }
-    }
-    Ok(())
-}
-
-async fn stop_all(sd: &Systemd) -> Res<usize> {
-    let units = sd.list_units(&[PATTERN]).await?;
-    for unit in &units {
-        match sd.stop_unit(&unit.name).await {
-            Ok(_) => {}
-            Err(e) if e.is_no_such_unit() => {}
-            Err(e) => return Err(e.into()),
-        }
-        if unit.active_state == ActiveState::Failed {
-            sd.reset_failed(&unit.name).await?;
-        }
-    }
-    Ok(units.len())
-}
-
-/// The shell loop's observation of the same units, one `systemctl show` per VM, in one shell
-/// inside the manager's namespaces (so nsenter is paid once, not per VM).
-fn shell_loop(nsenter: &[String], n: usize) -> Res<Duration> {
-    let units: Vec<String> = (0..n)
-        .map(|i| format!("vmkeeper-vm-{}.service", vm_name(i)))
-        .collect();
-    let script = "for u in \"$@\"; do systemctl show -p ActiveState,SubState \"$u\"; done";
-    let mut args = vec!["-c", script, "sh"];
-    args.extend(units.iter().map(String::as_str));
-    let t = Instant::now();
-    let out = inside(nsenter, "/bin/sh", &args)?;
-    let took = t.elapsed();
-    let active = String::from_utf8_lossy(&out.stdout)
-        .matches("ActiveState=active")
-        .count();
-    if active != n {
-        return Err(format!("shell loop saw {active} active units of {n}").into());
-    }
-    Ok(took)
-}
-
 async fn passes(sd: &Systemd, nsenter: &[String], scratch: &Path, counts: &[usize]) -> Res<()> {
     println!(
         "One reconcile pass with nothing to do (median of {ROUNDS}; shell loop: median of 3, \
@@ -223,7 +161,7 @@ async fn passes(sd: &Systemd, nsenter: &[String], scratch: &Path, counts: &[usiz
         let rounds = if n > 100 { 1 } else { 3 };
         let shell = median(
             (0..rounds)
-                .map(|_| shell_loop(nsenter, n))
+                .map(|_| shell_loop(nsenter, n, "ActiveState,SubState"))
                 .collect::<Res<_>>()?,
         );
         println!(

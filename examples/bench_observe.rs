@@ -6,27 +6,16 @@
 //! unit counts to measure, ascending (default 10 100 1000). It creates stand-in units
 //! `vmkeeper-vm-benchNNNN.service` running `sleep infinity` and stops them all at the end.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vmkeeper::exec::systemd::{ActiveState, JobResult, Systemd, TransientService};
+use vmkeeper::exec::systemd::{ActiveState, Systemd};
 
-const PATTERN: &str = "vmkeeper-vm-bench*";
+#[path = "standins/mod.rs"]
+mod standins;
+use standins::*;
+
 /// Repetitions of the D-Bus measurements; the median is printed.
 const ROUNDS: usize = 5;
-
-fn unit_name(i: usize) -> String {
-    format!("vmkeeper-vm-bench{i:04}.service")
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
 
 /// One observation pass as the daemon does it: one call, every VM unit's state.
 async fn observe_once(
@@ -61,70 +50,6 @@ async fn details_once(sd: &Systemd, n: usize) -> Result<Duration, Box<dyn std::e
 
 /// The same observation by a shell loop of `systemctl show` per unit, run inside the manager's
 /// namespaces (one nsenter for the whole loop, so it is not charged to every unit).
-fn shell_loop_once(nsenter: &[String], n: usize) -> Result<Duration, Box<dyn std::error::Error>> {
-    let units: Vec<String> = (0..n).map(unit_name).collect();
-    let script = "for u in \"$@\"; do systemctl show -p ActiveState,SubState,MainPID \"$u\"; done";
-    let mut cmd = match nsenter.split_first() {
-        Some((first, rest)) => {
-            let mut c = Command::new(first);
-            c.args(rest).arg("--").arg("/bin/sh");
-            c
-        }
-        None => Command::new("/bin/sh"),
-    };
-    cmd.args(["-c", script, "sh"]).args(&units);
-    let t = Instant::now();
-    let out = cmd.output()?;
-    let took = t.elapsed();
-    if !out.status.success() {
-        return Err(format!(
-            "shell loop failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
-    let running = String::from_utf8_lossy(&out.stdout)
-        .matches("SubState=running")
-        .count();
-    if running != n {
-        return Err(format!("shell loop saw {running} running units of {n}").into());
-    }
-    Ok(took)
-}
-
-async fn start_units(
-    sd: &Systemd,
-    from: usize,
-    to: usize,
-) -> Result<(), Box<dyn std::error::Error>> {
-    for i in from..to {
-        let name = unit_name(i);
-        let argv = vec!["/bin/sleep".to_owned(), "infinity".to_owned()];
-        let mut service = TransientService::new(&name, "vmkeeper benchmark stand-in", argv);
-        service.stop.timeout = Duration::from_secs(5);
-        let result = sd.start_service(&service).await?;
-        if result != JobResult::Done {
-            return Err(format!("start of {name}: {result:?}").into());
-        }
-    }
-    Ok(())
-}
-
-async fn stop_all(sd: &Systemd) -> Result<usize, Box<dyn std::error::Error>> {
-    let units = sd.list_units(&[PATTERN]).await?;
-    for unit in &units {
-        match sd.stop_unit(&unit.name).await {
-            Ok(_) => {}
-            Err(e) if e.is_no_such_unit() => {}
-            Err(e) => return Err(e.into()),
-        }
-        if unit.active_state == ActiveState::Failed {
-            sd.reset_failed(&unit.name).await?;
-        }
-    }
-    Ok(units.len())
-}
-
 async fn bench(
     sd: &Systemd,
     nsenter: &[String],
@@ -150,7 +75,7 @@ async fn bench(
             one_call.push(observe_once(sd, n).await?);
         }
         let per_unit = details_once(sd, n).await?;
-        let shell = shell_loop_once(nsenter, n)?;
+        let shell = shell_loop(nsenter, n, "ActiveState,SubState,MainPID")?;
         println!(
             "{n:>6} | {:>22.2} | {:>24.1} | {:>22.1}",
             ms(median(one_call)),

@@ -364,11 +364,7 @@ impl Daemon {
                 continue;
             }
             // Timers of other daemons' VMs (tests run several on one systemd) stay.
-            let ours = timer_vm(&t.name).is_some_and(|vm| {
-                self.state.deletions.contains_key(&vm)
-                    || self.state.vms.contains_key(&vm)
-                    || self.config.vms.contains_key(&vm)
-            });
+            let ours = timer_vm(&t.name).is_some_and(|vm| self.ours(&vm));
             if ours {
                 match self.systemd.stop_unit(&t.name).await {
                     Ok(_) => {}

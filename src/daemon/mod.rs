@@ -189,14 +189,20 @@ fn outdated(
     })
 }
 
-/// The VM a unit runs, if the unit is a VM unit and the VM is ours: declared or on record.
-/// Units of other names are someone else's (another vmkeeper instance in tests).
+/// Whether this daemon is responsible for a VM: declared, on record, or being deleted.
+/// Units and timers of other names are someone else's (another vmkeeper instance in tests)
+/// and left alone.
+fn is_ours(config: &Config, state: &State, vm: &VmName) -> bool {
+    config.vms.contains_key(vm) || state.vms.contains_key(vm) || state.deletions.contains_key(vm)
+}
+
+/// The VM a unit runs, if the unit is a VM unit and the VM is ours.
 fn vm_of_unit(config: &Config, state: &State, unit: &str) -> Option<VmName> {
     let name = unit
         .strip_prefix(systemd::VM_UNIT_PREFIX)?
         .strip_suffix(".service")?;
     let vm: VmName = name.parse().ok()?;
-    (config.vms.contains_key(&vm) || state.vms.contains_key(&vm)).then_some(vm)
+    is_ours(config, state, &vm).then_some(vm)
 }
 
 /// Runs the daemon until SIGTERM.
@@ -364,10 +370,8 @@ impl Daemon {
         self.vms.entry(vm.clone()).or_default()
     }
 
-    /// VMs this daemon is responsible for: declared or on record. Units of other names are
-    /// someone else's (another vmkeeper instance in tests) and left alone.
     fn ours(&self, vm: &VmName) -> bool {
-        self.config.vms.contains_key(vm) || self.state.vms.contains_key(vm)
+        is_ours(&self.config, &self.state, vm)
     }
 
     fn vm_of_unit(&self, unit: &str) -> Option<VmName> {
