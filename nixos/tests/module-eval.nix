@@ -1,8 +1,12 @@
 # Evaluates the vmkeeper module with lib.evalModules against nixpkgs' lib alone (see
 # ./eval-stubs.nix) and checks what it generates: the JSON for the documented example, one
 # assertion message per offending VM, and the service's reload/hardening settings.
-# `check` is a derivation that builds with /bin/sh only when every case holds; evaluating it
-# throws with the list of failed cases otherwise.
+#
+# `cases` below is a list of named cases, each a configuration and its expected outcome;
+# adding a check is adding an entry there. `check` is a derivation that builds with /bin/sh
+# only when every case holds (its output names them); evaluating it throws with each failed
+# case and what went wrong otherwise. scripts/nix-check.sh reads `summary`, and evaluates
+# each refused case on its own to see the error message (`refusedSettings`).
 { lib, system }:
 
 let
@@ -19,17 +23,14 @@ let
       ++ modules;
     }).config;
 
-  example = evaluate [ ../examples/two-vms.nix ];
-  withExample = extra: evaluate [
-    ../examples/two-vms.nix
-    extra
-  ];
+  example = ../examples/two-vms.nix;
+  exampleConfig = evaluate [ example ];
 
   failedAssertions = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
 
   qemuArch = (lib.systems.elaborate system).qemuArch;
-  settings = example.services.vmkeeper.finalSettings;
-  service = example.systemd.services.vmkeeper;
+  settings = exampleConfig.services.vmkeeper.finalSettings;
+  serviceOf = config: config.systemd.services.vmkeeper;
 
   # The example's JSON document, key for key as docs/usage/configuration.md defines them.
   expectedSettings = {
@@ -88,140 +89,318 @@ let
     };
   };
 
-  cases = {
-    "example generates the documented JSON" =
-      lib.recursiveUpdate settings { qemu.binary = null; }
-      == lib.recursiveUpdate expectedSettings { qemu.binary = null; };
-
-    "example runs QEMU with the RBD driver for the host's architecture" =
-      lib.hasSuffix "-qemu-with-rbd/bin/qemu-system-${qemuArch}" settings.qemu.binary;
-
-    "example passes its assertions" = failedAssertions example == [ ];
-
-    "config file is installed at /etc/vmkeeper/config.json" =
-      example.environment.etc."vmkeeper/config.json".source == example.services.vmkeeper.configFile;
-
-    "authorized group is created" = example.users.groups ? sudo-srv;
-
-    "journal catalog is linked where journalctl looks, and indexed before the daemon starts" =
-      example.systemd.tmpfiles.rules == [
-        "d /usr/local/lib/systemd/catalog 0755 root root -"
-        "L+ /usr/local/lib/systemd/catalog/vmkeeper.catalog - - - - ${stubs.package}/lib/systemd/catalog/vmkeeper.catalog"
-      ]
-      && lib.length service.serviceConfig.ExecStartPre == 1
-      && lib.hasSuffix "/bin/journalctl --update-catalog" (lib.head service.serviceConfig.ExecStartPre);
-
-    "daemon is Type=notify and reads the config path" =
-      service.serviceConfig.Type == "notify"
-      && lib.hasSuffix "/bin/vmkeeper daemon --config /etc/vmkeeper/config.json" service.serviceConfig.ExecStart;
-
-    "switch reloads the daemon on a config change" =
-      service.reloadTriggers == [ example.services.vmkeeper.configFile ]
-      && lib.hasSuffix "kill -HUP $MAINPID" service.serviceConfig.ExecReload;
-
-    "runtime directory outlives the daemon" = service.serviceConfig.RuntimeDirectoryPreserve == "yes";
-
-    "service is hardened" =
-      service.serviceConfig.NoNewPrivileges
-      && service.serviceConfig.ProtectSystem == "strict"
-      && service.serviceConfig.ProtectHome
-      && service.serviceConfig.PrivateTmp
-      && service.serviceConfig.DeviceAllow == [ "/dev/kvm rw" ]
-      && service.serviceConfig.SystemCallArchitectures == "native";
-
-    "memory above the VM's limit fails with a message naming the VM" =
-      failedAssertions
-        (withExample {
-          services.vmkeeper.vms.db01.memoryMiB = lib.mkForce 98304;
-        }) == [
+  # Each case is
+  #   name        what it shows (unique; printed when it fails)
+  #   modules     the configuration: NixOS modules on top of the vmkeeper module
+  #               (default: [ example ], nixos/examples/two-vms.nix)
+  # and its expected outcome:
+  #   assertions  the messages of the failing assertions, in order (default [ ]: all hold)
+  #   warnings    the warnings, in order (default [ ])
+  #   check       config -> bool: anything else that must hold (default: nothing more)
+  # or, instead of those three,
+  #   refused     a text the evaluation error must contain: an option's type refuses the
+  #               configuration, so evaluating its JSON fails. Nix's tryEval only sees that
+  #               it fails; scripts/nix-check.sh also checks the message.
+  cases = [
+    {
+      name = "example passes its assertions, without warnings";
+    }
+    {
+      name = "example generates the documented JSON";
+      check = config: withoutBinary config.services.vmkeeper.finalSettings == withoutBinary expectedSettings;
+    }
+    {
+      name = "example runs QEMU with the RBD driver for the host's architecture";
+      check = config: lib.hasSuffix "-qemu-with-rbd/bin/qemu-system-${qemuArch}" config.services.vmkeeper.finalSettings.qemu.binary;
+    }
+    {
+      name = "config file is installed at /etc/vmkeeper/config.json";
+      check = config: config.environment.etc."vmkeeper/config.json".source == config.services.vmkeeper.configFile;
+    }
+    {
+      name = "authorized group is created";
+      check = config: config.users.groups ? sudo-srv;
+    }
+    {
+      name = "journal catalog is linked where journalctl looks, and indexed before the daemon starts";
+      check =
+        config:
+        let
+          service = serviceOf config;
+        in
+        config.systemd.tmpfiles.rules == [
+          "d /usr/local/lib/systemd/catalog 0755 root root -"
+          "L+ /usr/local/lib/systemd/catalog/vmkeeper.catalog - - - - ${stubs.package}/lib/systemd/catalog/vmkeeper.catalog"
+        ]
+        && lib.length service.serviceConfig.ExecStartPre == 1
+        && lib.hasSuffix "/bin/journalctl --update-catalog" (lib.head service.serviceConfig.ExecStartPre);
+    }
+    {
+      name = "daemon is Type=notify and reads the config path";
+      check =
+        config:
+        (serviceOf config).serviceConfig.Type == "notify"
+        && lib.hasSuffix "/bin/vmkeeper daemon --config /etc/vmkeeper/config.json" (serviceOf config).serviceConfig.ExecStart;
+    }
+    {
+      name = "switch reloads the daemon on a config change";
+      check =
+        config:
+        (serviceOf config).reloadTriggers == [ config.services.vmkeeper.configFile ]
+        && lib.hasSuffix "kill -HUP $MAINPID" (serviceOf config).serviceConfig.ExecReload;
+    }
+    {
+      name = "runtime directory outlives the daemon";
+      check = config: (serviceOf config).serviceConfig.RuntimeDirectoryPreserve == "yes";
+    }
+    {
+      name = "service is hardened";
+      check =
+        config:
+        let
+          sc = (serviceOf config).serviceConfig;
+        in
+        sc.NoNewPrivileges
+        && sc.ProtectSystem == "strict"
+        && sc.ProtectHome
+        && sc.PrivateTmp
+        && sc.DevicePolicy == "closed"
+        && sc.DeviceAllow == [ "/dev/kvm rw" ]
+        && sc.SystemCallArchitectures == "native"
+        && sc.SystemCallFilter == [ "@system-service" ]
+        && sc.MemoryDenyWriteExecute
+        && sc.RestrictSUIDSGID
+        && !(lib.elem "CAP_SYS_ADMIN" sc.CapabilityBoundingSet);
+    }
+    {
+      name = "memory above the VM's limit fails with a message naming the VM";
+      modules = [
+        example
+        { services.vmkeeper.vms.db01.memoryMiB = lib.mkForce 98304; }
+      ];
+      assertions = [
         "services.vmkeeper.vms.db01: memoryMiB 98304 exceeds memoryLimitMiB 65536 (the customer-facing limit is 64 GiB; an operator may raise memoryLimitMiB up to 131072)"
       ];
-
-    "a raised memory limit allows more than 64 GiB" =
-      failedAssertions
-        (withExample {
+    }
+    {
+      name = "a raised memory limit allows more than 64 GiB";
+      modules = [
+        example
+        {
           services.vmkeeper.vms.db01 = {
             memoryMiB = lib.mkForce 98304;
             memoryLimitMiB = 131072;
           };
-        }) == [ ];
-
-    "a huge disk needs allowHugeDisk" =
-      failedAssertions
-        (withExample {
-          services.vmkeeper.vms.db01.diskGiB = lib.mkForce 10240;
-        }) == [
+        }
+      ];
+    }
+    {
+      name = "a huge disk needs allowHugeDisk";
+      modules = [
+        example
+        { services.vmkeeper.vms.db01.diskGiB = lib.mkForce 10240; }
+      ];
+      assertions = [
         "services.vmkeeper.vms.db01: diskGiB 10240 is 10 TiB or more and needs allowHugeDisk = true (consider object storage instead)"
       ];
-
-    "an allowed huge disk still warns" =
-      let
-        config = withExample {
+    }
+    {
+      name = "an allowed huge disk still warns";
+      modules = [
+        example
+        {
           services.vmkeeper.vms.db01 = {
             diskGiB = lib.mkForce 10240;
             allowHugeDisk = true;
           };
-        };
-      in
-      failedAssertions config == [ ]
-      && config.warnings == [
+        }
+      ];
+      warnings = [
         "services.vmkeeper.vms.db01: a 10240 GiB disk is allowed by allowHugeDisk; object storage is the better home for data of this size"
       ];
-
-    "a shared IP address is reported for each VM holding it" =
-      failedAssertions
-        (withExample {
-          services.vmkeeper.vms.db01.ipAddresses = lib.mkForce [ "192.0.2.10" ];
-        }) == [
+    }
+    {
+      name = "a shared IP address is reported for each VM holding it";
+      modules = [
+        example
+        { services.vmkeeper.vms.db01.ipAddresses = lib.mkForce [ "192.0.2.10" ]; }
+      ];
+      assertions = [
         "services.vmkeeper.vms.db01: ipAddresses 192.0.2.10 also belong to another VM"
         "services.vmkeeper.vms.web01: ipAddresses 192.0.2.10 also belong to another VM"
       ];
-
-    "a bad VM name is reported" =
-      failedAssertions
-        (withExample {
+    }
+    {
+      name = "a bad VM name is reported";
+      modules = [
+        example
+        {
           services.vmkeeper.vms."Web_02" = {
             cores = 1;
             memoryMiB = 1024;
             diskGiB = 30;
           };
-        }) == [
+        }
+      ];
+      assertions = [
         "services.vmkeeper.vms.Web_02: the name must be 1 to 63 characters of a-z, 0-9 and '-', starting with a letter"
       ];
-
-    "schedule excludes window" =
-      failedAssertions
-        (withExample {
+    }
+    {
+      name = "schedule excludes window";
+      modules = [
+        example
+        {
           services.vmkeeper.maintenance.schedule = {
             cron = "0 0 23 * * Tue *";
             length = "5h";
           };
-        }) == [ "services.vmkeeper.maintenance: schedule excludes window and weekdays" ];
+        }
+      ];
+      assertions = [ "services.vmkeeper.maintenance: schedule excludes window and weekdays" ];
+    }
+    {
+      name = "a blackout that ends before it starts is reported";
+      modules = [
+        example
+        {
+          services.vmkeeper.maintenance.blackouts = lib.mkForce [
+            {
+              from = "2027-01-02";
+              to = "2026-12-23";
+              reason = "typo";
+            }
+          ];
+        }
+      ];
+      assertions = [
+        "services.vmkeeper.maintenance.blackouts: 2027-01-02 to 2026-12-23 (typo) ends before it starts"
+      ];
+    }
+    {
+      name = "settings cannot move the state and runtime directories";
+      modules = [
+        example
+        { services.vmkeeper.settings.stateDir = "/srv/vmkeeper"; }
+      ];
+      assertions = [
+        "services.vmkeeper.settings: stateDir and runtimeDir are fixed by the service (/var/lib/vmkeeper, /run/vmkeeper)"
+      ];
+    }
+    {
+      name = "13 cores is refused by the option type, naming the VM";
+      modules = [
+        example
+        { services.vmkeeper.vms.web01.cores = lib.mkForce 13; }
+      ];
+      refused = "option `services.vmkeeper.vms.web01.cores' is not of type `integer between 1 and 12";
+    }
+    {
+      name = "a disk under 30 GiB is refused by the option type, naming the VM";
+      modules = [
+        example
+        { services.vmkeeper.vms.web01.diskGiB = lib.mkForce 29; }
+      ];
+      refused = "option `services.vmkeeper.vms.web01.diskGiB' is not of type `integer of at least 30'";
+    }
+    {
+      name = "settings add keys the options lack";
+      modules = [
+        example
+        { services.vmkeeper.settings.vms.web01.boot.append = "console=ttyS0"; }
+      ];
+      check =
+        config:
+        config.services.vmkeeper.finalSettings.vms.web01 == expectedSettings.vms.web01 // {
+          boot.append = "console=ttyS0";
+        };
+    }
+    {
+      name = "a disabled module defines nothing";
+      modules = [{ services.vmkeeper.vms = exampleConfig.services.vmkeeper.vms; }];
+      check =
+        config:
+        config.systemd.services == { }
+        && config.environment.etc == { }
+        && config.users.groups == { }
+        && config.assertions == [ ];
+    }
+  ];
 
-    "13 cores is refused by the option type" =
-      !(builtins.tryEval (withExample { services.vmkeeper.vms.web01.cores = lib.mkForce 13; }).services.vmkeeper.vms.web01.cores).success;
+  withoutBinary = s: lib.recursiveUpdate s { qemu.binary = null; };
 
-    "a disk under 30 GiB is refused by the option type" =
-      !(builtins.tryEval (withExample { services.vmkeeper.vms.web01.diskGiB = lib.mkForce 29; }).services.vmkeeper.vms.web01.diskGiB).success;
+  # --- running the cases ------------------------------------------------------------------
+  caseKeys = [
+    "name"
+    "modules"
+    "assertions"
+    "warnings"
+    "check"
+    "refused"
+  ];
+  defaults = {
+    modules = [ example ];
+    assertions = [ ];
+    warnings = [ ];
+    check = _: true;
+    refused = null;
+  };
+  show = builtins.toJSON;
 
-    "settings add keys the options lack" =
-      (withExample {
-        services.vmkeeper.settings.vms.web01.boot.append = "console=ttyS0";
-      }).services.vmkeeper.finalSettings.vms.web01 == expectedSettings.vms.web01 // {
-        boot.append = "console=ttyS0";
+  run =
+    case:
+    let
+      unknown = lib.subtractLists caseKeys (lib.attrNames case);
+      c = defaults // case;
+      config = evaluate c.modules;
+      json = builtins.toJSON config.services.vmkeeper.finalSettings;
+      got = {
+        assertions = failedAssertions config;
+        inherit (config) warnings;
+      };
+      problems =
+        if c.refused != null then
+          lib.optional (case ? assertions || case ? warnings || case ? check) "refused excludes assertions, warnings and check"
+          ++ lib.optional (builtins.tryEval json).success "evaluates, but should be refused with: ${c.refused}"
+        else
+          lib.optional (got.assertions != c.assertions) "failing assertions: expected ${show c.assertions}, got ${show got.assertions}"
+          ++ lib.optional (got.warnings != c.warnings) "warnings: expected ${show c.warnings}, got ${show got.warnings}"
+          ++ lib.optional (!c.check config) "check does not hold";
+    in
+    if !(case ? name) then
+      throw "vmkeeper module evaluation: a case without a name"
+    else if unknown != [ ] then
+      throw "vmkeeper module evaluation: case \"${case.name}\" has unknown keys ${show unknown} (known: ${show caseKeys})"
+    else
+      {
+        inherit (c) name refused;
+        ok = problems == [ ];
+        inherit problems;
+        inherit json;
       };
 
-    "a disabled module defines nothing" =
-      let
-        config = evaluate [{ services.vmkeeper.vms = example.services.vmkeeper.vms; }];
-      in
-      config.systemd.services == { } && config.environment.etc == { } && config.assertions == [ ];
-  };
-
-  failed = lib.attrNames (lib.filterAttrs (_: ok: !ok) cases);
+  names = map (c: c.name) cases;
+  duplicates = lib.unique (lib.filter (n: lib.count (m: m == n) names > 1) names);
+  results =
+    if duplicates != [ ] then
+      throw "vmkeeper module evaluation: duplicate case names ${show duplicates}"
+    else
+      map run cases;
+  failed = lib.filter (r: !r.ok) results;
+  refusedResults = lib.filter (r: r.refused != null) results;
 in
 {
-  inherit cases;
+  # For scripts/nix-check.sh: how many cases ran, which failed and why, and the refused
+  # cases' expected messages.
+  summary = {
+    total = lib.length results;
+    passed = lib.length results - lib.length failed;
+    failed = map (r: { inherit (r) name problems; }) failed;
+    refused = map (r: { inherit (r) name refused; }) refusedResults;
+  };
+
+  # For scripts/nix-check.sh: evaluating this fails with the refused case's error message.
+  refusedSettings = name: (lib.findFirst (r: r.name == name) (throw "no case named ${name}") refusedResults).json;
 
   # For scripts/nix-check.sh: the example's JSON, and every visible option's name.
   exampleSettings = settings;
@@ -237,20 +416,20 @@ in
     in
     map (o: o.name) (lib.filter (o: o.visible && !o.internal) (lib.optionAttrSetToDocList options));
 
-  # For scripts/nix-check.sh: evaluating this must fail with an error naming web01's cores.
-  tooManyCores = (withExample { services.vmkeeper.vms.web01.cores = lib.mkForce 13; }).services.vmkeeper.finalSettings;
-
   check =
     if failed != [ ] then
-      throw "vmkeeper module evaluation: failed cases:\n  ${lib.concatStringsSep "\n  " failed}"
+      throw ''
+        vmkeeper module evaluation: ${toString (lib.length failed)} of ${toString (lib.length results)} cases failed:
+        ${lib.concatMapStrings (r: "  ${r.name}\n${lib.concatMapStrings (p: "    ${p}\n") r.problems}") failed}''
     else
       derivation {
         name = "vmkeeper-module-eval";
         inherit system;
         builder = "/bin/sh";
+        summary = "${toString (lib.length results)} module evaluation cases passed (${system}):\n${lib.concatMapStrings (n: "  ${n}\n") names}";
         args = [
           "-c"
-          "echo '${toString (lib.length (lib.attrNames cases))} cases passed' > $out"
+          "printf '%s' \"$summary\" > $out"
         ];
       };
 }
