@@ -1,11 +1,11 @@
 //! Benchmark for issue 4: what the daemon costs the host, run by scripts/bench-daemon.sh under
 //! harness/run.sh.
 //!
-//! 1. One reconcile pass with nothing to do, for N declared VMs whose units run (stand-ins:
+//! 1. One periodic pass with nothing to do, for N declared VMs whose units run (stand-ins:
 //!    transient `sleep infinity` services named `vmkeeper-vm-benchNNNN.service`), timed through
-//!    `vmkeeper::daemon::plan_pass`, the function the daemon's loop runs on every wake-up
-//!    (one `ListUnitsByPatterns` call, then the pure planner). Beside it, the same observation
-//!    by a shell loop of `systemctl show` per VM.
+//!    the functions the daemon runs on every tick: `vmkeeper::daemon::resync::observe` (one
+//!    `ListUnitsByPatterns` call; instances known from the previous look) and the pure
+//!    planner. Beside it, the same observation by a shell loop of `systemctl show` per VM.
 //! 2. A real idle daemon (transient unit of the harness systemd) running two real test guests:
 //!    its context switches per minute (all threads, voluntary + involuntary) and its RSS, read
 //!    from /proc inside the harness's pid namespace.
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use serde_json::json;
 use vmkeeper::config::{self, Config};
-use vmkeeper::daemon::{observe, plan_pass};
+use vmkeeper::daemon::resync;
 use vmkeeper::exec::systemd::Systemd;
 use vmkeeper::model::Resources;
 use vmkeeper::plan;
@@ -103,6 +103,7 @@ fn declared(dir: &Path, n: usize) -> Res<(Config, State)> {
             VmRecord {
                 applied: DECLARED,
                 running: true,
+                instance: None,
                 ip_addresses: vec![],
                 last_unplanned: None,
                 argv,
@@ -132,19 +133,42 @@ async fn passes(sd: &Systemd, nsenter: &[String], scratch: &Path, counts: &[usiz
         );
         created = n;
         let (config, state) = declared(scratch, n)?;
+        // The daemon's first look (at start) reads every instance; later ones trust them.
+        let first = resync::Request {
+            id: 0,
+            full: true,
+            vms: config
+                .vms
+                .keys()
+                .map(|vm| {
+                    let belief = resync::Belief {
+                        up: None,
+                        pid: None,
+                        epoch: 0,
+                    };
+                    (vm.clone(), belief)
+                })
+                .collect(),
+        };
+        let req = resync::Request {
+            id: 1,
+            full: false,
+            vms: resync::observe(sd, &first).await?.beliefs(),
+        };
 
         let mut pass = Vec::new();
         for _ in 0..ROUNDS {
             let now = Utc::now();
             let t = Instant::now();
-            let p = plan_pass(sd, &config, &state, &BTreeMap::new(), now).await?;
+            let report = resync::observe(sd, &req).await?;
+            let p = plan::plan(&config, &report.observed(&state), &state, now);
             pass.push(t.elapsed());
             if !p.actions.is_empty() || !p.refusals.is_empty() || !p.pending.is_empty() {
                 return Err(format!("the pass for {n} VMs is not idle: {p:?}").into());
             }
         }
         // The planner's share, on the same observation.
-        let observed = observe(sd, &config, &state, &BTreeMap::new()).await?;
+        let observed = resync::observe(sd, &req).await?.observed(&state);
         if observed.vms.values().filter(|v| v.running).count() != n {
             return Err(format!("not all {n} stand-ins observed running").into());
         }

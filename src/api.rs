@@ -2,7 +2,10 @@
 //! socket. The caller's identity comes from the kernel (SO_PEERCRED), never from the request.
 
 use std::ffi::{CStr, CString};
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -13,6 +16,22 @@ pub const SOCKET: &str = "api.sock";
 
 /// The longest request accepted; requests are tiny, so anything bigger is garbage.
 const MAX_REQUEST: u64 = 64 * 1024;
+
+/// The longest response a client reads (a status of thousands of VMs fits easily).
+const MAX_RESPONSE: u64 = 256 * 1024 * 1024;
+
+/// Connections served at once; more are refused at once (not queued), so idle or slow
+/// clients cannot take the API away from others.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a client may take to send its request.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a request may wait for its answer (a reboot waits for the stop and the start).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// How long a client may take to take the answer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +75,9 @@ pub enum Request {
         /// The instant to judge the request as of; only root may set it.
         now: Option<chrono::DateTime<chrono::Utc>>,
     },
+    /// Read the configuration again and apply it (as SIGHUP does); answered once what it
+    /// started is done.
+    Reload,
 }
 
 impl Request {
@@ -67,7 +89,8 @@ impl Request {
             | Request::MaintenanceRequest { .. }
             | Request::RunDue { .. }
             | Request::Delete { .. }
-            | Request::CancelDeletion { .. } => true,
+            | Request::CancelDeletion { .. }
+            | Request::Reload => true,
         }
     }
 }
@@ -91,6 +114,21 @@ pub struct Caller {
     pub user: Option<String>,
     /// Whether the caller is root or in the authorized group.
     pub authorized: bool,
+}
+
+impl Caller {
+    /// The caller's name for messages and records: the user name, or the uid.
+    pub fn name(&self) -> String {
+        self.user.clone().unwrap_or_else(|| self.uid.to_string())
+    }
+
+    /// The caller as the actor of something vmkeeper records.
+    pub fn actor(&self) -> crate::state::Actor {
+        crate::state::Actor::User {
+            name: self.name(),
+            uid: self.uid,
+        }
+    }
 }
 
 /// Why the API failed.
@@ -120,6 +158,9 @@ pub enum ApiError {
     /// The peer sent something that is not a request or response.
     #[error("malformed message")]
     Malformed(#[source] serde_json::Error),
+    /// The daemon did not answer in time.
+    #[error("the vmkeeper daemon did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// Binds the API socket, replacing a stale one; everyone may connect, authorization is
@@ -144,13 +185,73 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     })
 }
 
+/// Serves the API on `listener`: each connection in a task of its own, at most
+/// [`MAX_CONNECTIONS`] at once, each bounded in time; `answer` turns a request into its
+/// response. Never returns; `accept` errors (such as running out of file descriptors) are
+/// waited out with a growing pause instead of spinning.
+pub fn serve<F, Fut>(listener: UnixListener, authorized_group: String, answer: F)
+where
+    F: Fn(Request, Caller) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response> + Send + 'static,
+{
+    let answer = Arc::new(answer);
+    let group: Arc<str> = authorized_group.into();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::spawn(async move {
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let mut stream = match listener.accept().await {
+                Ok((s, _)) => {
+                    pause = Duration::from_millis(10);
+                    s
+                }
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                // Refused, not queued: a best-effort answer that never blocks.
+                let _ =
+                    stream.try_write(b"{\"error\":\"the daemon is busy: too many connections\"}\n");
+                continue;
+            };
+            let (answer, group) = (answer.clone(), group.clone());
+            tokio::spawn(async move {
+                let _slot = slot;
+                let resp =
+                    match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream, &group))
+                        .await
+                    {
+                        Ok(Ok((req, caller))) => {
+                            match tokio::time::timeout(ANSWER_TIMEOUT, answer(req, caller)).await {
+                                Ok(r) => r,
+                                Err(_) => Response::Error("no answer in time".into()),
+                            }
+                        }
+                        Ok(Err(e)) => Response::Error(format!("bad request: {e}")),
+                        Err(_) => Response::Error(format!("no request within {READ_TIMEOUT:?}")),
+                    };
+                let _ =
+                    tokio::time::timeout(WRITE_TIMEOUT, write_response(&mut stream, &resp)).await;
+            });
+        }
+    });
+}
+
 /// Reads one request from an accepted connection, with the caller's identity.
 pub async fn read_request(
     stream: &mut UnixStream,
     authorized_group: &str,
 ) -> Result<(Request, Caller), ApiError> {
     let cred = stream.peer_cred().map_err(ApiError::Io)?;
-    let caller = identify(cred.uid(), authorized_group);
+    let uid = cred.uid();
+    let group = authorized_group.to_owned();
+    // The user and group databases may be remote (NSS): looked up off the runtime's threads.
+    let caller = tokio::task::spawn_blocking(move || identify(uid, &group))
+        .await
+        .map_err(|e| ApiError::Io(std::io::Error::other(e)))?;
     let mut line = String::new();
     let mut reader = BufReader::new((&mut *stream).take(MAX_REQUEST));
     reader.read_line(&mut line).await.map_err(ApiError::Io)?;
@@ -166,23 +267,28 @@ pub async fn write_response(stream: &mut UnixStream, resp: &Response) -> Result<
     stream.shutdown().await.map_err(ApiError::Io)
 }
 
-/// Sends one request to the daemon and waits for its response.
-pub async fn call(path: &Path, req: &Request) -> Result<Response, ApiError> {
-    let mut s = UnixStream::connect(path)
+/// Sends one request to the daemon and waits up to `timeout` for its response.
+pub async fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Response, ApiError> {
+    let exchange = async {
+        let mut s = UnixStream::connect(path)
+            .await
+            .map_err(|source| ApiError::Connect {
+                path: path.to_owned(),
+                source,
+            })?;
+        let mut json = serde_json::to_vec(req).map_err(ApiError::Malformed)?;
+        json.push(b'\n');
+        s.write_all(&json).await.map_err(ApiError::Io)?;
+        let mut line = String::new();
+        BufReader::new(s.take(MAX_RESPONSE))
+            .read_line(&mut line)
+            .await
+            .map_err(ApiError::Io)?;
+        serde_json::from_str(&line).map_err(ApiError::Malformed)
+    };
+    tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|source| ApiError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
-    let mut json = serde_json::to_vec(req).map_err(ApiError::Malformed)?;
-    json.push(b'\n');
-    s.write_all(&json).await.map_err(ApiError::Io)?;
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .await
-        .map_err(ApiError::Io)?;
-    serde_json::from_str(&line).map_err(ApiError::Malformed)
+        .map_err(|_| ApiError::Timeout(timeout))?
 }
 
 /// The caller's name and whether it is root or a member of `group` (primary or
@@ -312,7 +418,9 @@ mod tests {
             .unwrap();
             req
         });
-        let resp = call(&path, &Request::Status).await.unwrap();
+        let resp = call(&path, &Request::Status, Duration::from_secs(10))
+            .await
+            .unwrap();
         // SAFETY: getuid has no preconditions.
         let me = unsafe { libc::getuid() };
         assert_eq!(resp, Response::Ok(serde_json::json!({ "uid": me })));

@@ -1,8 +1,9 @@
 //! The kinds of journal events vmkeeper writes, each with a stable MESSAGE_ID that
 //! dist/vmkeeper.catalog explains.
 //!
-//! Convention: `tracing::error!` is reserved for alarms (unplanned events) and is written at
-//! journald's alert priority (1); everything else uses info/warn.
+//! Convention: `tracing::error!` is reserved for alarms (unplanned events, a state file that
+//! cannot be written) and is written at journald's alert priority (1); everything else uses
+//! info/warn.
 
 /// One kind of event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,11 +32,15 @@ pub enum Event {
     OperationFailed,
     /// A mutating command from a user was accepted.
     Audit,
+    /// The state file cannot be written: nothing is stopped or deleted until it can (alert).
+    StateNotWritable,
+    /// The state file is written again.
+    StateWritable,
 }
 
 impl Event {
     /// Every kind, for the catalog test.
-    pub const ALL: [Event; 12] = [
+    pub const ALL: [Event; 14] = [
         Event::VmStarted,
         Event::VmStopped,
         Event::VmAdopted,
@@ -48,6 +53,8 @@ impl Event {
         Event::Deletion,
         Event::OperationFailed,
         Event::Audit,
+        Event::StateNotWritable,
+        Event::StateWritable,
     ];
 
     /// The journal MESSAGE_ID.
@@ -65,6 +72,8 @@ impl Event {
             Event::Deletion => "5c8158d104664dda940939c01b257d88",
             Event::OperationFailed => "a20647aaa26f4c73a16f17dc0727e58f",
             Event::Audit => "21690075974949ab8ad5f5b8fd76af2b",
+            Event::StateNotWritable => "00c0fa4fe374403b85658b6f6e74a216",
+            Event::StateWritable => "fbe00cd92f3d462b9f4f58432b54e1aa",
         }
     }
 
@@ -83,6 +92,8 @@ impl Event {
             Event::Deletion => "deletion",
             Event::OperationFailed => "operation-failed",
             Event::Audit => "audit",
+            Event::StateNotWritable => "state-not-writable",
+            Event::StateWritable => "state-writable",
         }
     }
 }

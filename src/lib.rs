@@ -1,8 +1,8 @@
 //! vmkeeper: a per-host supervisor that runs declared VMs as QEMU units under systemd, with
 //! disks in Ceph RBD, maintenance reboots in announced windows and staged deletion.
 //!
-//! The decision-making core (`config`, `model`, `maintenance`, `deletion`, `plan`) is pure:
-//! no clock, no I/O, no async. Everything that touches the world lives in `exec` and is
+//! The decision-making core (`config`, `model`, `maintenance`, `deletion`, `plan`,
+//! `supervisor`) is pure: no clock, no I/O, no async. Everything that touches the world lives in `exec` and is
 //! driven by the daemon.
 
 pub mod api;
@@ -12,9 +12,11 @@ pub mod daemon;
 pub mod deletion;
 pub mod events;
 pub mod exec;
+pub mod failpoint;
 pub mod localtime;
 pub mod maintenance;
 pub mod model;
 pub mod plan;
 pub mod render;
 pub mod state;
+pub mod supervisor;

@@ -77,6 +77,72 @@ impl fmt::Display for VmName {
     }
 }
 
+/// One run of a VM's QEMU: the unit's systemd `InvocationID` (128 bits, 32 hex digits), new
+/// for every start of the unit. Events name the instance they are about, so that nothing
+/// from an old QEMU touches a new one.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct InvocationId(String);
+
+/// Why a string is not an invocation id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("an invocation id is 32 hex digits, got {0:?}")]
+pub struct InvocationIdError(String);
+
+impl InvocationId {
+    /// The id as 32 lowercase hex digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The id systemd gives as 16 bytes; `None` for the all-zero id of a unit never started.
+    pub fn from_bytes(bytes: &[u8]) -> Option<InvocationId> {
+        if bytes.len() != 16 || bytes.iter().all(|b| *b == 0) {
+            return None;
+        }
+        Some(InvocationId(
+            bytes.iter().map(|b| format!("{b:02x}")).collect(),
+        ))
+    }
+
+    /// A short form for messages: the first 8 digits.
+    pub fn short(&self) -> &str {
+        &self.0[..8]
+    }
+}
+
+impl FromStr for InvocationId {
+    type Err = InvocationIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() == 32 && s.chars().all(|c| c.is_ascii_hexdigit()) {
+            Ok(InvocationId(s.to_ascii_lowercase()))
+        } else {
+            Err(InvocationIdError(s.to_owned()))
+        }
+    }
+}
+
+impl TryFrom<String> for InvocationId {
+    type Error = InvocationIdError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<InvocationId> for String {
+    fn from(i: InvocationId) -> String {
+        i.0
+    }
+}
+
+impl fmt::Display for InvocationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// The resources a VM runs with. Disk in GiB, memory in MiB, as in the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -12,10 +12,11 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::deletion::{Progress, Stage};
-use crate::model::{Resources, VmName};
+use crate::model::{InvocationId, Resources, VmName};
 
-/// The version this build reads and writes.
-pub const STATE_VERSION: u32 = 1;
+/// The version this build reads and writes. Version 1 (typed-less intents, no instances) is
+/// migrated on load: see [`migrate_v1`].
+pub const STATE_VERSION: u32 = 2;
 
 /// The state file's name inside the state directory.
 pub const STATE_FILE: &str = "state.json";
@@ -42,6 +43,12 @@ pub struct State {
     /// the host rebooted.
     #[serde(default)]
     pub boot_id: Option<String>,
+    /// Notifications decided but not yet delivered to the hook, in order.
+    #[serde(default)]
+    pub outbox: Vec<Notice>,
+    /// The id the next notification gets.
+    #[serde(default)]
+    pub next_notice: u64,
 }
 
 impl Default for State {
@@ -53,7 +60,25 @@ impl Default for State {
             deletions: BTreeMap::new(),
             intents: BTreeMap::new(),
             boot_id: None,
+            outbox: Vec::new(),
+            next_notice: 1,
         }
+    }
+}
+
+impl State {
+    /// Queues a notification for the hook; returns its id.
+    pub fn enqueue(&mut self, event: serde_json::Value, at: DateTime<Utc>) -> u64 {
+        let id = self.next_notice.max(1);
+        self.next_notice = id + 1;
+        self.outbox.push(Notice {
+            id,
+            event,
+            queued_at: at,
+            attempts: 0,
+            last_error: None,
+        });
+        id
     }
 }
 
@@ -65,6 +90,9 @@ pub struct VmRecord {
     pub applied: Resources,
     /// Whether it was running when last observed.
     pub running: bool,
+    /// The QEMU instance that runs (or last ran), as far as vmkeeper knows.
+    #[serde(default)]
+    pub instance: Option<InvocationId>,
     /// Addresses it holds.
     #[serde(default)]
     pub ip_addresses: Vec<IpAddr>,
@@ -77,16 +105,57 @@ pub struct VmRecord {
     pub argv: Vec<String>,
 }
 
+/// What kind of stop or reset vmkeeper did not plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnplannedKind {
+    /// The guest rebooted itself (QMP `RESET`, `guest: true`).
+    GuestReset,
+    /// The guest powered itself off (QMP `SHUTDOWN`, `guest: true`, then QEMU exited).
+    GuestPoweroff,
+    /// QEMU ended on its own: it crashed, was killed, or exited non-zero.
+    QemuExited,
+    /// The unit was stopped from outside vmkeeper (`systemctl stop`).
+    UnitStopped,
+    /// The unit was restarted from outside vmkeeper (`systemctl restart`).
+    UnitRestarted,
+    /// The host rebooted while the VM ran.
+    HostRebooted,
+}
+
+impl UnplannedKind {
+    /// The kind's name in the journal (`ACTION=`) and the hook's JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnplannedKind::GuestReset => "guest-reset",
+            UnplannedKind::GuestPoweroff => "guest-poweroff",
+            UnplannedKind::QemuExited => "qemu-exited",
+            UnplannedKind::UnitStopped => "unit-stopped",
+            UnplannedKind::UnitRestarted => "unit-restarted",
+            UnplannedKind::HostRebooted => "host-rebooted",
+        }
+    }
+}
+
+impl std::fmt::Display for UnplannedKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A stop or reset vmkeeper did not plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Unplanned {
     /// When it was noticed.
     pub at: DateTime<Utc>,
-    /// What happened, e.g. `guest-reset`, `qemu-exited`, `unit-stopped`, `host-rebooted`.
-    pub kind: String,
+    /// What happened.
+    pub kind: UnplannedKind,
     /// Details for humans.
     pub detail: String,
+    /// The QEMU instance it happened to; one alarm per instance and kind of end.
+    #[serde(default)]
+    pub instance: Option<InvocationId>,
 }
 
 /// Why a VM needs a maintenance reboot.
@@ -167,18 +236,129 @@ pub struct Deletion {
     pub downtime_from: Option<DateTime<Utc>>,
 }
 
-/// What vmkeeper is about to do, persisted before it acts.
+/// Who asked for something vmkeeper does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind", deny_unknown_fields)]
+pub enum Actor {
+    /// vmkeeper itself, following the configuration or its schedule.
+    Vmkeeper,
+    /// A user of the local API, as the kernel identified them.
+    User {
+        /// User name (or the uid as text when it has none).
+        name: String,
+        /// User id.
+        uid: u32,
+    },
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Actor::Vmkeeper => f.write_str("vmkeeper"),
+            Actor::User { name, .. } => f.write_str(name),
+        }
+    }
+}
+
+/// Why vmkeeper stops a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind", deny_unknown_fields)]
+pub enum StopReason {
+    /// The VM is declared `online = false`.
+    Offline,
+    /// A deletion stage shuts it down.
+    Deletion {
+        /// The stage.
+        stage: Stage,
+    },
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::Offline => f.write_str("online = false"),
+            StopReason::Deletion { stage } => write!(f, "deletion ({stage})"),
+        }
+    }
+}
+
+/// Which kind of planned cold reboot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind", deny_unknown_fields)]
+pub enum RebootKind {
+    /// The announced maintenance whose slot starts then.
+    Maintenance {
+        /// The slot's start.
+        slot_start: DateTime<Utc>,
+    },
+    /// `vmkeeper reboot NAME --now` by an authorized user.
+    Immediate,
+}
+
+/// What vmkeeper is about to do to a VM, persisted before it acts. Each variant carries what
+/// is needed to finish the step after a crash; `recovery::recover` decides how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "action", deny_unknown_fields)]
+pub enum Intent {
+    /// Start the VM's QEMU with these resources and this command line.
+    #[serde(rename_all = "camelCase")]
+    Start {
+        /// What it starts with (recorded as applied once it runs).
+        resources: Resources,
+        /// The command line.
+        argv: Vec<String>,
+        /// The instance that ran before, if any: a failed unit of that instance is not ours.
+        previous: Option<InvocationId>,
+        /// When it was written.
+        at: DateTime<Utc>,
+    },
+    /// Stop the VM's QEMU (this instance), gracefully.
+    #[serde(rename_all = "camelCase")]
+    Stop {
+        /// The instance to stop; `None` when none was known.
+        instance: Option<InvocationId>,
+        /// Why.
+        reason: StopReason,
+        /// Who asked.
+        by: Actor,
+        /// When it was written.
+        at: DateTime<Utc>,
+    },
+    /// A planned cold reboot of this instance: stop it, start a new one with `resources`.
+    #[serde(rename_all = "camelCase")]
+    Reboot {
+        /// The instance to stop; `None` when it was not running.
+        instance: Option<InvocationId>,
+        /// Maintenance or immediate.
+        kind: RebootKind,
+        /// What the new QEMU starts with.
+        resources: Resources,
+        /// Its command line.
+        argv: Vec<String>,
+        /// Who asked.
+        by: Actor,
+        /// When it was written.
+        at: DateTime<Utc>,
+    },
+}
+
+/// A notification for the hook, kept until the hook took it (exit status 0).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Intent {
-    /// The action, e.g. `stop`, `reboot`, `start`.
-    pub action: String,
-    /// Why, e.g. `maintenance`, `online=false`, `deletion`.
-    pub reason: String,
-    /// Who asked: `vmkeeper` or a user name.
-    pub by: String,
-    /// When it was written.
-    pub at: DateTime<Utc>,
+pub struct Notice {
+    /// Increasing id; the hook's JSON carries it as `id`, so a receiver can drop a repeat
+    /// (delivery is at least once: a crash right after the hook ran repeats it).
+    pub id: u64,
+    /// The JSON event the hook gets on stdin.
+    pub event: serde_json::Value,
+    /// When it was decided.
+    pub queued_at: DateTime<Utc>,
+    /// Failed deliveries so far.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Why the last delivery failed.
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 /// Why the state could not be read or written.
@@ -238,13 +418,21 @@ impl State {
             path: path.clone(),
             source,
         })?;
-        if v.version != STATE_VERSION {
-            return Err(StateError::Version {
-                path,
-                found: v.version,
-            });
+        match v.version {
+            STATE_VERSION => {
+                serde_json::from_str(&text).map_err(|source| StateError::Parse { path, source })
+            }
+            1 => {
+                let doc: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|source| StateError::Parse {
+                        path: path.clone(),
+                        source,
+                    })?;
+                serde_json::from_value(migrate_v1(doc))
+                    .map_err(|source| StateError::Parse { path, source })
+            }
+            found => Err(StateError::Version { path, found }),
         }
-        serde_json::from_str(&text).map_err(|source| StateError::Parse { path, source })
     }
 
     /// Replaces the state in `dir` atomically: a crash leaves either the old or the new file.
@@ -265,6 +453,18 @@ impl State {
     }
 }
 
+/// Version 1 to 2: intents were free text (`action`, `reason`, `by`) and instances unknown.
+/// A version-1 intent cannot be finished safely without its instance, so it is dropped: the
+/// daemon then treats a VM it finds stopped as stopped unplanned, which errs on the side of an
+/// alarm. Unplanned kinds keep their names.
+pub fn migrate_v1(mut doc: serde_json::Value) -> serde_json::Value {
+    doc["version"] = STATE_VERSION.into();
+    if let Some(obj) = doc.as_object_mut() {
+        obj.remove("intents");
+    }
+    doc
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +472,8 @@ mod tests {
     fn sample() -> State {
         let mut s = State::default();
         let name: VmName = "web01".parse().unwrap();
+        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let instance: InvocationId = "0123456789abcdef0123456789abcdef".parse().unwrap();
         s.vms.insert(
             name.clone(),
             VmRecord {
@@ -281,20 +483,30 @@ mod tests {
                     disk_gib: 30,
                 },
                 running: true,
+                instance: Some(instance.clone()),
                 ip_addresses: vec!["192.0.2.1".parse().unwrap()],
-                last_unplanned: None,
+                last_unplanned: Some(Unplanned {
+                    at,
+                    kind: UnplannedKind::GuestReset,
+                    detail: "the guest rebooted itself".into(),
+                    instance: Some(instance.clone()),
+                }),
                 argv: vec![],
             },
         );
         s.intents.insert(
             name,
-            Intent {
-                action: "stop".into(),
-                reason: "online=false".into(),
-                by: "vmkeeper".into(),
-                at: DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+            Intent::Stop {
+                instance: Some(instance),
+                reason: StopReason::Offline,
+                by: Actor::User {
+                    name: "alice".into(),
+                    uid: 1000,
+                },
+                at,
             },
         );
+        s.enqueue(serde_json::json!({ "event": "unplanned" }), at);
         s
     }
 
@@ -316,17 +528,41 @@ mod tests {
     #[test]
     fn refuses_other_versions_and_garbage() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(STATE_FILE), r#"{"version": 2}"#).unwrap();
+        std::fs::write(dir.path().join(STATE_FILE), r#"{"version": 3}"#).unwrap();
         let e = State::load(dir.path()).unwrap_err();
         assert!(
             e.to_string()
-                .ends_with("has format version 2, this vmkeeper reads version 1"),
+                .ends_with("has format version 3, this vmkeeper reads version 2"),
             "{e}"
         );
-        std::fs::write(dir.path().join(STATE_FILE), r#"{"version": 1, "vmz": {}}"#).unwrap();
+        std::fs::write(dir.path().join(STATE_FILE), r#"{"version": 2, "vmz": {}}"#).unwrap();
         assert!(matches!(
             State::load(dir.path()),
             Err(StateError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn version_1_is_migrated_and_its_free_text_intents_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(STATE_FILE),
+            r#"{"version": 1,
+                "vms": {"web01": {"applied": {"cores": 1, "memoryMiB": 1024, "diskGiB": 30},
+                                  "running": true,
+                                  "lastUnplanned": {"at": "2026-11-29T17:00:00Z", "kind": "guest-reset", "detail": "x"}}},
+                "intents": {"web01": {"action": "stop", "reason": "online=false", "by": "vmkeeper", "at": "2026-11-29T17:05:00Z"}},
+                "bootId": "b"}"#,
+        )
+        .unwrap();
+        let s = State::load(dir.path()).unwrap();
+        assert_eq!(s.version, STATE_VERSION);
+        assert!(s.intents.is_empty());
+        let r = &s.vms[&"web01".parse::<VmName>().unwrap()];
+        assert!(r.running && r.instance.is_none());
+        assert_eq!(
+            r.last_unplanned.as_ref().unwrap().kind,
+            UnplannedKind::GuestReset
+        );
     }
 }

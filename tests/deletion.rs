@@ -196,32 +196,6 @@ fn first_block(host: &Host, vm: &str) -> Vec<u8> {
     block
 }
 
-/// Starts the daemon with a failpoint set in its environment.
-fn start_daemon_with_failpoint(host: &Host, failpoint: &str) {
-    let o = host
-        .h
-        .inside(
-            "systemd-run",
-            [
-                "--unit",
-                &host.unit,
-                "--property",
-                "Type=notify",
-                "--setenv",
-                "VMKEEPER_LOG=info",
-                "--setenv",
-                &format!("VMKEEPER_FAILPOINT={failpoint}"),
-                env!("CARGO_BIN_EXE_vmkeeper"),
-                "daemon",
-                "--config",
-                host.config_path().to_str().unwrap(),
-            ],
-        )
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "systemd-run: {}", text(&o));
-}
-
 #[test]
 fn a_cli_deletion_is_announced_shuts_down_and_a_cancel_brings_the_vm_back() {
     let vm = "del-a";
@@ -284,8 +258,10 @@ fn a_cli_deletion_is_announced_shuts_down_and_a_cancel_brings_the_vm_back() {
             .iter()
             .all(|e| e["CALLER_UID"] == "0" && e["CALLER"] == "root")
     );
-    // Every stage has its timer, named after the VM.
-    assert_eq!(timers(&host, vm).len(), 5, "{:?}", timers(&host, vm));
+    // Every stage has its timer, named after the VM (the timers follow the state at once).
+    wait_until(Duration::from_secs(10), "a timer per stage", || {
+        timers(&host, vm).len() == 5
+    });
     // What a timer runs works under systemd: start one stage's service by hand (nothing is due
     // by the clock, so it changes nothing).
     let svc = format!("vmkeeper-delete-{vm}-release-name.service");
@@ -416,7 +392,7 @@ fn a_configured_deletion_runs_to_the_end_and_a_crash_in_the_purge_finishes_it_on
         )],
     );
     clear_leftovers(&host, vm);
-    start_daemon_with_failpoint(&host, "after-stage-acted:purge");
+    host.start_daemon_at("deletion:purge:after-acted");
     host.wait_vmsize(vm, Host::sectors(30), 0, BOOT);
     wait_until(Duration::from_secs(10), "deletion recorded", || {
         state(&host)["deletions"][vm]["source"]["kind"] == "config"
@@ -530,12 +506,9 @@ fn a_configured_deletion_runs_to_the_end_and_a_crash_in_the_purge_finishes_it_on
     host.config["vms"].as_object_mut().unwrap().remove(vm);
     host.write_config();
     host.h.systemctl(&["kill", "-s", "HUP", &host.unit]);
+    // The VM is still listed while its deletion runs, but no longer as declared.
     wait_until(Duration::from_secs(10), "configuration reloaded", || {
-        host.status()
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|v| v["name"] != vm)
+        host.vm_status(vm)["declared"].is_null()
     });
 
     // T+8 days: snapshots and the trashed image are gone.
@@ -602,7 +575,7 @@ fn a_configured_deletion_runs_to_the_end_and_a_crash_in_the_purge_finishes_it_on
 fn a_crash_right_after_a_stage_started_is_finished_at_the_next_start() {
     let vm = "del-s";
     let host = Host::new("del-started", &[(vm, json!({}))]);
-    start_daemon_with_failpoint(&host, "after-stage-started:shutdown");
+    host.start_daemon_at("deletion:shutdown:after-started");
     host.wait_vmsize(vm, Host::sectors(30), 0, BOOT);
     let d = deletion_date();
     let s = Schedule::new(Berlin, d);

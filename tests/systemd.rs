@@ -109,7 +109,7 @@ async fn started_service_is_listed_active_with_its_main_pid() {
     let details = sd.service_details(&name).await.expect("details");
     assert_eq!(details.active_state, ActiveState::Active);
     assert_eq!(details.main_exit, MainExit::None);
-    assert_eq!(details.invocation_id.len(), 32, "{details:?}");
+    assert!(details.invocation_id.is_some(), "{details:?}");
     assert!(
         details
             .active_enter

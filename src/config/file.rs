@@ -108,11 +108,19 @@ pub struct RawQemu {
     pub machine: Option<String>,
     pub stop_timeout: Option<String>,
     pub extra_args: Option<Vec<String>>,
+    pub max_concurrent_starts: Option<i64>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
 
-pub const QEMU_KEYS: &[&str] = &["binary", "accel", "machine", "stopTimeout", "extraArgs"];
+pub const QEMU_KEYS: &[&str] = &[
+    "binary",
+    "accel",
+    "machine",
+    "stopTimeout",
+    "extraArgs",
+    "maxConcurrentStarts",
+];
 
 #[derive(Debug, Default, Deserialize)]
 pub struct RawVm {

@@ -87,6 +87,9 @@ pub struct QemuConfig {
     pub stop_timeout: TimeDelta,
     /// Extra arguments for every VM.
     pub extra_args: Vec<String>,
+    /// How many QEMUs may be starting at once (a host start with many VMs starts them a
+    /// few at a time).
+    pub max_concurrent_starts: usize,
 }
 
 /// One thing wrong with a configuration, or worth a warning.

@@ -28,6 +28,9 @@ pub const DEFAULT_MEMORY_LIMIT_MIB: i64 = 65_536;
 pub const MIN_DISK_GIB: i64 = 30;
 /// Disks this large (10 TiB) need the operator's acknowledgement.
 pub const HUGE_DISK_GIB: i64 = 10_240;
+/// QEMUs starting at once by default: enough to keep a host start short, few enough that
+/// each gets CPU to open its disk and begin booting.
+pub const DEFAULT_CONCURRENT_STARTS: i64 = 4;
 /// Largest disk, in GiB (1 PiB): far beyond any sane block device, and keeps byte sizes in u64.
 pub const MAX_DISK_GIB: i64 = 1 << 20;
 
@@ -477,6 +480,13 @@ fn qemu(v: &mut Validator, raw: Option<Value>) -> QemuConfig {
             TimeDelta::seconds(1),
         ),
         extra_args: raw.extra_args.unwrap_or_default(),
+        max_concurrent_starts: {
+            let n = raw
+                .max_concurrent_starts
+                .unwrap_or(DEFAULT_CONCURRENT_STARTS);
+            v.range("qemu.maxConcurrentStarts", n, 1, 1000);
+            usize::try_from(n.clamp(1, 1000)).unwrap_or(1)
+        },
     }
 }
 

@@ -1,83 +1,27 @@
-//! The deletion lifecycle as the daemon carries it out, stage by stage, intent first.
-//!
-//! Every stage persists `stageStarted` before it acts and is written so that running it again
-//! finds its work done: a crash in the middle is finished at the next start, never repeated
-//! destructively.
+//! The deletion lifecycle as the loop records it: scheduled, cancelled, each stage marked as
+//! started (on disk before it acts), carried out by an operation, and recorded as done.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
-use anyhow::{Context, Result};
 use chrono::{DateTime, NaiveDate, Utc};
-use serde::Serialize;
 use tracing::{info, warn};
 
-use super::{Daemon, journal};
+use super::eventloop::Daemon;
+use super::journal;
+use super::ops::Job;
 use crate::api::{Caller, Response};
 use crate::deletion::{self, Progress, Schedule, Stage};
-use crate::events::Event;
-use crate::exec::rbd::TrashEntry;
-use crate::exec::systemd::{self, TimerTrigger, TransientTimer};
+use crate::events::Event as Journal;
 use crate::localtime::rfc3339;
 use crate::model::VmName;
-use crate::plan::Action;
 use crate::render;
-use crate::state::{Deletion, DeletionSource};
-
-/// Environment variable naming a point where the daemon stops dead, for crash tests:
-/// `after-stage-started:<stage>` or `after-stage-acted:<stage>`.
-const FAILPOINT: &str = "VMKEEPER_FAILPOINT";
+use crate::state::{Actor, Deletion, DeletionSource, Intent, StopReason};
+use crate::supervisor::OpKind;
 
 impl Daemon {
-    /// Carries out a deletion action of the plan.
-    pub(super) async fn apply_deletion(&mut self, action: Action, now: DateTime<Utc>) {
-        match action {
-            Action::ScheduleDeletion { vm, date, source } => {
-                self.schedule_deletion(&vm, date, source, now).await;
-            }
-            Action::CancelDeletion { vm, reason } => {
-                self.cancel_deletion(&vm, &reason).await;
-            }
-            Action::RunDeletionStage { vm, stage } => {
-                if let Err(e) = self.run_stage(&vm, stage, now).await {
-                    self.failed(&vm, &format!("deletion stage {stage}"), &e, None);
-                }
-            }
-            _ => return,
-        }
-        self.sync_deletion_timers().await;
-    }
-
-    /// At start: finishes stages a crash interrupted, then recreates the timers of every
-    /// upcoming stage. Stages that fell due while the host was down follow in the first plan.
-    pub(super) async fn resume_deletions(&mut self) {
-        let started: Vec<(VmName, Stage)> = self
-            .state
-            .deletions
-            .iter()
-            .filter_map(|(vm, d)| d.stage_started.map(|s| (vm.clone(), s)))
-            .collect();
-        for (vm, stage) in started {
-            info!(
-                message_id = Event::Deletion.message_id(),
-                vm = vm.as_str(),
-                action = "deletion-resume",
-                stage = stage.as_str(),
-                planned = true,
-                "finishing deletion stage {stage}, interrupted before it was recorded as done"
-            );
-            if let Err(e) = self.run_stage(&vm, stage, Utc::now()).await {
-                self.failed(&vm, &format!("deletion stage {stage}"), &e, None);
-            }
-        }
-        self.sync_deletion_timers().await;
-    }
-
-    async fn schedule_deletion(
+    pub(super) fn schedule_deletion(
         &mut self,
         vm: &VmName,
         date: NaiveDate,
-        source: DeletionSource,
+        source: &DeletionSource,
         now: DateTime<Utc>,
     ) {
         let ip_addresses = self
@@ -100,9 +44,9 @@ impl Daemon {
                 downtime_from: None,
             },
         );
-        self.save();
+        self.changed();
         let schedule = Schedule::new(self.config.timezone, date);
-        let by = match &source {
+        let by = match source {
             DeletionSource::Config => "deleteAt in the configuration".to_owned(),
             DeletionSource::Removed => "removal from the configuration".to_owned(),
             DeletionSource::Cli { by } => format!("vmkeeper delete by {by}"),
@@ -116,10 +60,10 @@ impl Daemon {
             rfc3339(schedule.t()),
             rfc3339(schedule.at(Stage::Purge))
         );
-        if source == DeletionSource::Removed {
+        if *source == DeletionSource::Removed {
             // Nobody asked for this one explicitly: say it loudly.
             warn!(
-                message_id = Event::Deletion.message_id(),
+                message_id = Journal::Deletion.message_id(),
                 vm = vm.as_str(),
                 action = "schedule-deletion",
                 reason = by.as_str(),
@@ -127,57 +71,159 @@ impl Daemon {
                 "{vm} was removed from the configuration: {reason}; declare it again to keep it"
             );
         } else {
-            journal(Event::Deletion, vm, "schedule-deletion", &by, true, &reason);
+            journal(Journal::Deletion, vm, "schedule-deletion", &by, &reason);
         }
-        self.notify_deletion(vm, "schedule-deletion", &reason).await;
+        self.notify_deletion(vm, "schedule-deletion", &reason, now);
     }
 
-    async fn cancel_deletion(&mut self, vm: &VmName, reason: &str) {
+    pub(super) fn cancel_deletion(&mut self, vm: &VmName, reason: &str, now: DateTime<Utc>) {
         let Some(d) = self.state.deletions.get(vm) else {
             return;
         };
         if d.progress.has_done(Stage::Purge) || d.stage_started == Some(Stage::Purge) {
             return;
         }
-        self.state.deletions.remove(vm);
-        self.save();
-        self.stop_deletion_timers(vm).await;
         let text = format!("deletion cancelled: {reason}; the VM is kept as it was");
-        journal(Event::Deletion, vm, "cancel-deletion", reason, true, &text);
-        self.notify_deletion(vm, "cancel-deletion", reason).await;
+        journal(Journal::Deletion, vm, "cancel-deletion", reason, &text);
+        // Told while the deletion is still on record, so the hook sees its dates.
+        self.notify_deletion(vm, "cancel-deletion", reason, now);
+        self.state.deletions.remove(vm);
+        self.retired.insert(vm.clone());
+        self.changed();
     }
 
-    /// Runs one stage: `stageStarted` persisted first, the act, then the progress.
-    async fn run_stage(&mut self, vm: &VmName, stage: Stage, now: DateTime<Utc>) -> Result<()> {
-        let Some(d) = self.state.deletions.get_mut(vm) else {
-            return Ok(());
-        };
-        if d.progress.has_done(stage) {
-            return Ok(());
+    /// Begins a due stage: `stageStarted` (and, for a stage that stops the VM, the stop's
+    /// intent) first; the operation acts once that is on disk.
+    pub(super) fn run_stage(
+        &mut self,
+        vm: &VmName,
+        stage: Stage,
+        now: DateTime<Utc>,
+    ) -> Option<u64> {
+        let mono = std::time::Instant::now();
+        if self
+            .slot(vm)
+            .sup
+            .backing_off(OpKind::Stage(stage), mono, None)
+        {
+            return None;
         }
-        let next = d.progress.complete(stage)?;
+        let d = self.state.deletions.get_mut(vm)?;
+        if d.progress.has_done(stage) {
+            return None;
+        }
+        if let Err(e) = d.progress.complete(stage) {
+            warn!(
+                message_id = Journal::OperationFailed.message_id(),
+                vm = vm.as_str(),
+                "deletion stage {stage} refused: {e}"
+            );
+            return None;
+        }
         d.stage_started = Some(stage);
-        // Unlike `save`, a failure here stops the stage: nothing destructive without the record.
-        self.state
-            .save(&self.config.state_dir)
-            .context("cannot record the stage as started")?;
-        failpoint("after-stage-started", stage).await;
-        let what = self.act(vm, stage, now).await?;
-        failpoint("after-stage-acted", stage).await;
+        let kind = OpKind::Stage(stage);
+        let stop = if kind.stops() && self.slot(vm).sup.unit.is_up() {
+            let stop = self.qemu_stop(vm);
+            self.state.intents.insert(
+                vm.clone(),
+                Intent::Stop {
+                    instance: stop.instance.clone(),
+                    reason: StopReason::Deletion { stage },
+                    by: Actor::Vmkeeper,
+                    at: now,
+                },
+            );
+            Some(stop)
+        } else {
+            None
+        };
+        self.changed();
+        let job = Job::Stage {
+            stage,
+            stop,
+            pool: self.config.ceph.pool.clone(),
+            image: render::image_name(vm).to_owned(),
+        };
+        Some(self.spawn_durable(vm, kind, job))
+    }
+
+    /// A stage's act is done: record it, then say what was done.
+    pub(super) fn stage_done(
+        &mut self,
+        vm: &VmName,
+        stage: Stage,
+        acted: &str,
+        now: DateTime<Utc>,
+    ) {
+        let tz = self.config.timezone;
         let Some(d) = self.state.deletions.get_mut(vm) else {
-            return Ok(());
+            return;
+        };
+        let schedule = Schedule::new(tz, d.date);
+        let Ok(next) = d.progress.complete(stage) else {
+            return;
         };
         d.progress = next;
         d.stage_started = None;
-        if stage == Stage::ReleaseName {
-            self.state.deletions.remove(vm);
+        let mut what = vec![];
+        if !acted.is_empty() {
+            what.push(acted.to_owned());
         }
-        self.save();
-        if stage == Stage::ReleaseName {
-            self.stop_deletion_timers(vm).await;
+        match stage {
+            Stage::Announce => {
+                let t = schedule.t().with_timezone(&Utc);
+                d.downtime_from = Some(t);
+                let dates = Stage::ALL
+                    .iter()
+                    .map(|s| format!("{s} {}", rfc3339(schedule.at(*s))))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                what.push(format!(
+                    "VM {vm} is deleted on {}; monitoring downtime from {}; stages: {dates}; \
+                     cancellable until {}",
+                    schedule.date,
+                    rfc3339(t.with_timezone(&tz)),
+                    rfc3339(schedule.at(Stage::Purge))
+                ));
+            }
+            Stage::Shutdown => what.push(format!(
+                "disk, addresses and records kept until {}",
+                rfc3339(schedule.at(Stage::Purge))
+            )),
+            Stage::Purge => {
+                let ips = std::mem::take(&mut d.ip_addresses)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                what.push(format!(
+                    "records deleted; addresses released: [{ips}]; backups are deleted on {}",
+                    schedule.date_of(Stage::DeleteBackups)
+                ));
+                self.state.vms.remove(vm);
+                self.state.maintenances.remove(vm);
+            }
+            Stage::DeleteBackups => {}
+            Stage::ReleaseName => what.push(format!(
+                "deletion notice removed; the name is free again (it was deleted as of {}, now {})",
+                schedule.date,
+                rfc3339(now.with_timezone(&tz))
+            )),
         }
+        if matches!(stage, Stage::Shutdown | Stage::Purge)
+            && matches!(
+                self.state.intents.get(vm),
+                Some(Intent::Stop {
+                    reason: StopReason::Deletion { .. },
+                    ..
+                })
+            )
+        {
+            self.state.intents.remove(vm);
+        }
+        let what = what.join("; ");
         info!(
-            message_id = Event::Deletion.message_id(),
+            message_id = Journal::Deletion.message_id(),
             vm = vm.as_str(),
             action = "deletion-stage",
             reason = what.as_str(),
@@ -185,266 +231,44 @@ impl Daemon {
             stage = stage.as_str(),
             "deletion stage {stage} done: {what}"
         );
-        if stage == Stage::Announce {
-            self.notify_deletion(vm, "deletion-announce", &what).await;
-        } else {
-            self.notify_deletion(vm, &format!("deletion-{stage}"), &what)
-                .await;
-        }
-        Ok(())
-    }
-
-    /// The stage's work, idempotent; returns what was done, for the journal.
-    async fn act(&mut self, vm: &VmName, stage: Stage, now: DateTime<Utc>) -> Result<String> {
-        let schedule = match self.state.deletions.get(vm) {
-            Some(d) => Schedule::new(self.config.timezone, d.date),
-            None => return Ok(String::new()),
+        let action = match stage {
+            Stage::Announce => "deletion-announce".to_owned(),
+            s => format!("deletion-{s}"),
         };
-        let tz = self.config.timezone;
-        match stage {
-            Stage::Announce => {
-                let t = schedule.t().with_timezone(&Utc);
-                if let Some(d) = self.state.deletions.get_mut(vm) {
-                    d.downtime_from = Some(t);
-                }
-                let dates = Stage::ALL
-                    .iter()
-                    .map(|s| format!("{s} {}", rfc3339(schedule.at(*s))))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                Ok(format!(
-                    "VM {vm} is deleted on {}; monitoring downtime from {}; stages: {dates}; \
-                     cancellable until {}",
-                    schedule.date,
-                    rfc3339(t.with_timezone(&tz)),
-                    rfc3339(schedule.at(Stage::Purge))
-                ))
-            }
-            Stage::Shutdown => {
-                let running = self.state.vms.get(vm).is_some_and(|r| r.running);
-                if running {
-                    self.stop_vm(vm, "deletion", "vmkeeper").await?;
-                }
-                Ok(format!(
-                    "VM off{}; disk, addresses and records kept until {}",
-                    if running { "" } else { " (it was not running)" },
-                    rfc3339(schedule.at(Stage::Purge))
-                ))
-            }
-            Stage::Purge => {
-                if self.state.vms.get(vm).is_some_and(|r| r.running) {
-                    self.stop_vm(vm, "deletion", "vmkeeper").await?;
-                }
-                let trashed = self.trash_image(vm).await?;
-                self.state.vms.remove(vm);
-                self.state.maintenances.remove(vm);
-                self.state.intents.remove(vm);
-                self.vms.remove(vm);
-                let ips = match self.state.deletions.get_mut(vm) {
-                    Some(d) => std::mem::take(&mut d.ip_addresses),
-                    None => vec![],
-                };
-                let ips = ips
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                Ok(format!(
-                    "{trashed}; records deleted; addresses released: [{ips}]; backups are \
-                     deleted on {}",
-                    schedule.date_of(Stage::DeleteBackups)
-                ))
-            }
-            Stage::DeleteBackups => self.delete_backups(vm).await,
-            Stage::ReleaseName => Ok(format!(
-                "deletion notice removed; the name is free again (it was deleted as of {}, \
-                 now {})",
-                schedule.date,
-                rfc3339(now.with_timezone(&tz))
-            )),
+        self.notify_deletion(vm, &action, &what, now);
+        if stage == Stage::ReleaseName {
+            self.state.deletions.remove(vm);
+            self.vms.remove(vm);
+            self.retired.insert(vm.clone());
         }
+        self.changed();
     }
 
-    /// Moves the VM's image to the RBD trash; an image already there is done.
-    async fn trash_image(&mut self, vm: &VmName) -> Result<String> {
-        let cluster = self.cluster().await?;
-        let pool = self.config.ceph.pool.clone();
-        let image = render::image_name(vm).to_owned();
-        let msg = cluster
-            .run(move |c| {
-                let io = c.ioctx(&pool)?;
-                if io.exists(&image)? {
-                    let id = io.trash_move(&image)?;
-                    return Ok(format!("image {pool}/{image} moved to the trash (id {id})"));
-                }
-                let ids = trashed(&io.trash_list()?, &image);
-                Ok(if ids.is_empty() {
-                    format!("image {pool}/{image} was neither in the pool nor in the trash")
-                } else {
-                    format!(
-                        "image {pool}/{image} already in the trash (id {})",
-                        ids.join(", ")
-                    )
-                })
-            })
-            .await
-            .with_context(|| format!("cannot move the image of {vm} to the trash"))?;
-        Ok(msg)
-    }
-
-    /// Deletes the backups: every snapshot of the trashed image, then the image itself.
-    async fn delete_backups(&mut self, vm: &VmName) -> Result<String> {
-        let cluster = self.cluster().await?;
-        let pool = self.config.ceph.pool.clone();
-        let image = render::image_name(vm).to_owned();
-        let msg = cluster
-            .run(move |c| {
-                let io = c.ioctx(&pool)?;
-                let ids = trashed(&io.trash_list()?, &image);
-                let mut snaps = 0;
-                for id in &ids {
-                    let img = io.open_by_id(id)?;
-                    for s in img.snapshots()? {
-                        if img.snapshot_is_protected(&s.name)? {
-                            img.unprotect_snapshot(&s.name)?;
-                        }
-                        img.remove_snapshot(&s.name)?;
-                        snaps += 1;
-                    }
-                    drop(img);
-                    io.trash_remove(id, true)?;
-                }
-                let mut msg = format!(
-                    "{snaps} snapshot(s) and {} trashed image(s) of {pool}/{image} deleted",
-                    ids.len()
-                );
-                if io.exists(&image)? {
-                    // Restored from the trash by an operator: theirs now, left alone.
-                    msg.push_str("; an image of that name is back in the pool and is left alone");
-                }
-                Ok(msg)
-            })
-            .await
-            .with_context(|| format!("cannot delete the backups of {vm}"))?;
-        Ok(msg)
-    }
-
-    /// Makes the transient timers match the upcoming stages of every deletion: creates missing
-    /// ones, replaces moved ones, stops those of stages done or deletions cancelled.
-    pub(super) async fn sync_deletion_timers(&mut self) {
-        let real_now = Utc::now();
+    /// The hook's event for a deletion carries its date, every stage's instant, and the
+    /// downtime once announced.
+    fn notify_deletion(&mut self, vm: &VmName, action: &str, reason: &str, now: DateTime<Utc>) {
         let tz = self.config.timezone;
-        let mut desired: BTreeMap<String, (VmName, Stage, DateTime<Utc>)> = BTreeMap::new();
-        for (vm, d) in &self.state.deletions {
-            let schedule = Schedule::new(tz, d.date);
-            for stage in Stage::ALL {
-                let at = schedule.at(stage).with_timezone(&Utc);
-                if !d.progress.has_done(stage) && at > real_now {
-                    let name = systemd::deletion_timer_name(vm.as_str(), stage.as_str());
-                    desired.insert(name, (vm.clone(), stage, at));
-                }
-            }
-        }
-        let present = match self.systemd.list_timers(&["vmkeeper-delete-*.timer"]).await {
-            Ok(t) => t,
-            Err(e) => {
-                warn!(
-                    message_id = Event::OperationFailed.message_id(),
-                    "cannot list deletion timers: {e}"
-                );
-                return;
-            }
-        };
-        for t in &present {
-            let keep = desired.get(&t.name).is_some_and(|(_, _, at)| {
-                t.next_elapse.map(|n| n.timestamp()) == Some(at.timestamp())
+        let mut event = self.hook_event(Journal::Deletion, vm, action, reason, true, now);
+        if let Some(d) = self.state.deletions.get(vm) {
+            let mut v = timeline_json(vm, &Schedule::new(tz, d.date));
+            v["downtimeFrom"] = d.downtime_from.map_or(serde_json::Value::Null, |t| {
+                rfc3339(t.with_timezone(&tz)).into()
             });
-            if keep {
-                desired.remove(&t.name);
-                continue;
-            }
-            // Timers of other daemons' VMs (tests run several on one systemd) stay.
-            let ours = timer_vm(&t.name).is_some_and(|vm| self.ours(&vm));
-            if ours {
-                match self.systemd.stop_unit(&t.name).await {
-                    Ok(_) => {}
-                    Err(e) if e.is_no_such_unit() => {}
-                    Err(e) => warn!(
-                        message_id = Event::OperationFailed.message_id(),
-                        "cannot stop timer {}: {e}", t.name
-                    ),
-                }
-            }
+            event["deletion"] = v;
         }
-        // The timers' services run with / as working directory.
-        let config = std::path::absolute(&self.config_path)
-            .unwrap_or_else(|_| self.config_path.clone())
-            .display()
-            .to_string();
-        let exe = match std::env::current_exe() {
-            Ok(p) => p.display().to_string(),
-            Err(e) => {
-                warn!(
-                    message_id = Event::OperationFailed.message_id(),
-                    "cannot find the vmkeeper binary for the deletion timers: {e}"
-                );
-                return;
-            }
-        };
-        for (name, (vm, stage, at)) in desired {
-            let timer = TransientTimer {
-                name,
-                description: format!("vmkeeper deletion of VM {vm}: stage {stage}"),
-                trigger: TimerTrigger::At(at),
-                argv: vec![
-                    exe.clone(),
-                    "run-due".into(),
-                    "--config".into(),
-                    config.clone(),
-                ],
-                environment: vec![],
-            };
-            if let Err(e) = self.systemd.start_timer(&timer).await {
-                warn!(
-                    message_id = Event::OperationFailed.message_id(),
-                    vm = vm.as_str(),
-                    "cannot create the timer of deletion stage {stage}: {e}"
-                );
-            }
-        }
-    }
-
-    /// Stops every stage timer of a deletion that ended (cancelled or the name released):
-    /// the VM may no longer be known by then, so the sync would not recognise them as ours.
-    async fn stop_deletion_timers(&self, vm: &VmName) {
-        for stage in Stage::ALL {
-            let name = systemd::deletion_timer_name(vm.as_str(), stage.as_str());
-            match self.systemd.stop_unit(&name).await {
-                Ok(_) => {}
-                Err(e) if e.is_no_such_unit() => {}
-                Err(e) => warn!(
-                    message_id = Event::OperationFailed.message_id(),
-                    vm = vm.as_str(),
-                    "cannot stop timer {name}: {e}"
-                ),
-            }
-        }
+        self.state.enqueue(event, now);
+        self.changed();
     }
 
     /// `vmkeeper delete NAME --at DATE`.
-    pub(super) async fn api_delete(
+    pub(super) fn api_delete(
         &mut self,
-        vm: VmName,
+        vm: &VmName,
         date: NaiveDate,
-        now: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
         caller: &Caller,
     ) -> Response {
-        super::audit(caller, "delete", &vm);
-        let now = match self.api_now(now, caller) {
-            Ok(n) => n,
-            Err(r) => return r,
-        };
-        if let Some(d) = self.state.deletions.get(&vm) {
+        if let Some(d) = self.state.deletions.get(vm) {
             return Response::Error(match &d.source {
                 DeletionSource::Config => format!(
                     "{vm} is already being deleted on {} by deleteAt in the configuration; \
@@ -462,7 +286,7 @@ impl Daemon {
                 ),
             });
         }
-        let Some(spec) = self.config.vms.get(&vm) else {
+        let Some(spec) = self.config.vms.get(vm) else {
             return Response::Error(format!(
                 "{vm} is not declared in the configuration; a VM removed from it is deleted \
                  by that"
@@ -476,30 +300,20 @@ impl Daemon {
         if let Err(e) = deletion::check_request(self.config.timezone, now, date) {
             return Response::Error(format!("refused: {e}"));
         }
-        let by = caller
-            .user
-            .clone()
-            .unwrap_or_else(|| caller.uid.to_string());
-        self.schedule_deletion(&vm, date, DeletionSource::Cli { by }, now)
-            .await;
-        self.sync_deletion_timers().await;
+        self.schedule_deletion(vm, date, &DeletionSource::Cli { by: caller.name() }, now);
+        self.dirty_pass();
         let schedule = Schedule::new(self.config.timezone, date);
-        Response::Ok(timeline_json(&vm, &schedule))
+        Response::Ok(timeline_json(vm, &schedule))
     }
 
     /// `vmkeeper cancel-deletion NAME`.
-    pub(super) async fn api_cancel_deletion(
+    pub(super) fn api_cancel_deletion(
         &mut self,
-        vm: VmName,
-        now: Option<DateTime<Utc>>,
+        vm: &VmName,
+        now: DateTime<Utc>,
         caller: &Caller,
     ) -> Response {
-        super::audit(caller, "cancel-deletion", &vm);
-        let now = match self.api_now(now, caller) {
-            Ok(n) => n,
-            Err(r) => return r,
-        };
-        let Some(d) = self.state.deletions.get(&vm) else {
+        let Some(d) = self.state.deletions.get(vm) else {
             return Response::Error(format!("{vm} has no deletion to cancel"));
         };
         match &d.source {
@@ -522,137 +336,21 @@ impl Daemon {
         if let Err(e) = deletion::can_cancel(&schedule, d.progress, now) {
             return Response::Error(format!("too late to cancel: {e}"));
         }
-        let by = caller
-            .user
-            .clone()
-            .unwrap_or_else(|| caller.uid.to_string());
-        self.cancel_deletion(&vm, &format!("cancelled by {by}"))
-            .await;
-        self.sync_deletion_timers().await;
+        if d.stage_started == Some(Stage::Purge) || self.slot(vm).busy() {
+            return Response::Error(format!(
+                "too late to cancel: the deletion of {vm} is carrying out a stage right now"
+            ));
+        }
+        self.cancel_deletion(vm, &format!("cancelled by {}", caller.name()), now);
+        self.dirty_pass();
         Response::Ok(serde_json::json!({ "vm": vm, "cancelled": true }))
     }
-
-    /// The instant a request is judged as of: the clock, or `--now` from root.
-    fn api_now(
-        &self,
-        now: Option<DateTime<Utc>>,
-        caller: &Caller,
-    ) -> Result<DateTime<Utc>, Response> {
-        match now {
-            Some(_) if caller.uid != 0 => Err(Response::Error(
-                "not authorized: only root may pass --now".into(),
-            )),
-            Some(n) => Ok(n),
-            None => Ok(Utc::now()),
-        }
-    }
-
-    /// Journal and hook; the hook's event carries the deletion's date and every stage's
-    /// instant, and the downtime once announced.
-    async fn notify_deletion(&self, vm: &VmName, action: &str, reason: &str) {
-        #[derive(Serialize)]
-        #[serde(rename_all = "camelCase")]
-        struct HookEvent<'a> {
-            event: &'a str,
-            vm: &'a str,
-            action: &'a str,
-            reason: &'a str,
-            planned: bool,
-            at: String,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            deletion: Option<serde_json::Value>,
-            contacts: &'a [String],
-        }
-        let tz = self.config.timezone;
-        let deletion = self.state.deletions.get(vm).map(|d| {
-            let mut v = timeline_json(vm, &Schedule::new(tz, d.date));
-            v["downtimeFrom"] = d.downtime_from.map_or(serde_json::Value::Null, |t| {
-                rfc3339(t.with_timezone(&tz)).into()
-            });
-            v
-        });
-        let ev = HookEvent {
-            event: Event::Deletion.as_str(),
-            vm: vm.as_str(),
-            action,
-            reason,
-            planned: true,
-            at: rfc3339(Utc::now().with_timezone(&tz)),
-            deletion,
-            contacts: &self.config.contacts,
-        };
-        if let Err(e) = self.notifier.send(&ev).await {
-            warn!(
-                message_id = Event::OperationFailed.message_id(),
-                vm = vm.as_str(),
-                "notification hook failed: {e}"
-            );
-        }
-    }
 }
 
-/// Ids of the trashed images that had `image`'s name.
-fn trashed(entries: &[TrashEntry], image: &str) -> Vec<String> {
-    entries
-        .iter()
-        .filter(|e| e.name == image)
-        .map(|e| e.id.clone())
-        .collect()
-}
-
-/// The VM a deletion timer belongs to (the stage names end the unit name).
-fn timer_vm(unit: &str) -> Option<VmName> {
-    let stem = unit
-        .strip_prefix("vmkeeper-delete-")?
-        .strip_suffix(".timer")?;
-    Stage::ALL.iter().find_map(|s| {
-        stem.strip_suffix(s.as_str())?
-            .strip_suffix('-')?
-            .parse()
-            .ok()
-    })
-}
-
-fn timeline_json(vm: &VmName, schedule: &Schedule) -> serde_json::Value {
+pub(super) fn timeline_json(vm: &VmName, schedule: &Schedule) -> serde_json::Value {
     let stages: Vec<serde_json::Value> = Stage::ALL
         .iter()
         .map(|s| serde_json::json!({ "stage": s, "at": rfc3339(schedule.at(*s)) }))
         .collect();
     serde_json::json!({ "vm": vm, "date": schedule.date, "stages": stages })
-}
-
-/// An accepted user command, in the journal with who asked.
-/// Stops the daemon dead at a named point when `VMKEEPER_FAILPOINT` asks for it, so tests can
-/// `kill -9` it there. Never set in production.
-async fn failpoint(point: &str, stage: Stage) {
-    let Ok(want) = std::env::var(FAILPOINT) else {
-        return;
-    };
-    if want != format!("{point}:{stage}") {
-        return;
-    }
-    warn!(
-        message_id = Event::OperationFailed.message_id(),
-        action = "failpoint",
-        stage = stage.as_str(),
-        "failpoint {want} reached: the daemon waits here to be killed"
-    );
-    loop {
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timer_names_give_back_the_vm() {
-        for stage in Stage::ALL {
-            let name = systemd::deletion_timer_name("del-web-01", stage.as_str());
-            assert_eq!(timer_vm(&name).unwrap().as_str(), "del-web-01");
-        }
-        assert!(timer_vm("vmkeeper-maint-x.timer").is_none());
-        assert!(timer_vm("vmkeeper-delete-x-trash.timer").is_none());
-    }
 }

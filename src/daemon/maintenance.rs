@@ -1,24 +1,38 @@
-//! Maintenance as the daemon carries it out: announce, keep its timer, reboot in the slot.
+//! Maintenance as the loop records it: scheduled and announced, moved, cancelled, completed
+//! by a reboot. The timers follow from the state (see `timers`).
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
-use tracing::{info, warn};
+use tracing::info;
 
-use super::{Daemon, describe_reason, intent, journal};
+use super::eventloop::Daemon;
+use super::journal;
 use crate::api::Caller;
-use crate::events::Event;
-use crate::exec::systemd::{self, TimerTrigger, TransientTimer};
+use crate::events::Event as Journal;
 use crate::maintenance::Slot;
 use crate::model::VmName;
 use crate::plan::slot_in;
-use crate::state::{Maintenance, Reason};
+use crate::state::{Intent, Maintenance, Reason, RebootKind};
+
+/// A reason as the announcement words it.
+pub fn describe_reason(r: &Reason) -> String {
+    match r {
+        Reason::PendingResources { from, to } => format!(
+            "CPU/RAM change: cores {} -> {}, memoryMiB {} -> {}",
+            from.cores, to.cores, from.memory_mib, to.memory_mib
+        ),
+        Reason::Outdated { detail } => format!("outdated QEMU: {detail}"),
+        Reason::Requested { by, reason } => format!("requested by {by}: {reason}"),
+    }
+}
 
 impl Daemon {
-    pub(super) async fn schedule_maintenance(
+    /// Records a maintenance slot and announces it (or its move or update).
+    pub(super) fn schedule_maintenance(
         &mut self,
         vm: &VmName,
         slot: Slot,
-        reasons: Vec<Reason>,
+        reasons: &[Reason],
         replaces: Option<Slot>,
         now: DateTime<Utc>,
     ) {
@@ -33,14 +47,12 @@ impl Daemon {
         self.state.maintenances.insert(
             vm.clone(),
             Maintenance {
-                reasons: reasons.clone(),
+                reasons: reasons.to_vec(),
                 slot_start: slot.start.with_timezone(&Utc),
                 slot_end: slot.end.with_timezone(&Utc),
                 announced_at,
             },
         );
-        self.save();
-        self.arm_maintenance_timer(vm, slot).await;
         let reason = reasons
             .iter()
             .map(describe_reason)
@@ -52,7 +64,7 @@ impl Daemon {
             None => format!("maintenance scheduled for {slot}: {reason}"),
         };
         info!(
-            message_id = Event::MaintenanceScheduled.message_id(),
+            message_id = Journal::MaintenanceScheduled.message_id(),
             vm = vm.as_str(),
             action = "schedule-maintenance",
             reason = reason.as_str(),
@@ -60,146 +72,87 @@ impl Daemon {
             slot = %slot,
             "{text}"
         );
-        self.notify(
-            Event::MaintenanceScheduled,
+        let mut event = self.hook_event(
+            Journal::MaintenanceScheduled,
             vm,
             "schedule-maintenance",
             &reason,
-            Some(slot),
-        )
-        .await;
-    }
-
-    /// A planned cold reboot: stop QEMU gracefully, start it with the declared values.
-    pub(super) async fn maintenance_reboot(&mut self, vm: &VmName) -> Result<()> {
-        let Some(spec) = self.config.vms.get(vm).cloned() else {
-            return Ok(());
-        };
-        self.stop_vm(vm, "maintenance reboot", "vmkeeper").await?;
-        self.start_vm(&spec, spec.resources, "maintenance reboot")
-            .await?;
-        self.state.maintenances.remove(vm);
-        self.save();
-        self.disarm_maintenance_timer(vm).await;
-        Ok(())
+            true,
+            now,
+        );
+        event["slot"] = serde_json::to_value(slot).unwrap_or_default();
+        self.state.enqueue(event, now);
+        self.changed();
     }
 
     /// Drops a maintenance that is no longer needed and announces that.
-    pub(super) async fn cancel_maintenance(&mut self, vm: &VmName, reason: &str) {
+    pub(super) fn cancel_maintenance(&mut self, vm: &VmName, reason: &str, now: DateTime<Utc>) {
         if self.state.maintenances.remove(vm).is_none() {
             return;
         }
-        self.save();
-        self.disarm_maintenance_timer(vm).await;
         journal(
-            Event::MaintenanceCancelled,
+            Journal::MaintenanceCancelled,
+            vm,
+            "cancel-maintenance",
+            reason,
+            &format!("maintenance cancelled: {reason}"),
+        );
+        let event = self.hook_event(
+            Journal::MaintenanceCancelled,
             vm,
             "cancel-maintenance",
             reason,
             true,
-            &format!("maintenance cancelled: {reason}"),
+            now,
         );
-        self.notify(
-            Event::MaintenanceCancelled,
-            vm,
-            "cancel-maintenance",
-            reason,
-            None,
-        )
-        .await;
+        self.state.enqueue(event, now);
+        self.changed();
     }
 
-    /// The timer that runs `vmkeeper run-due` at the slot's start. systemd never fires a
-    /// timer whose instant has passed: a slot missed while the host was down is found by the
-    /// planner instead, which reschedules it.
-    async fn arm_maintenance_timer(&mut self, vm: &VmName, slot: Slot) {
-        let name = systemd::maintenance_timer_name(vm.as_str());
-        self.disarm_maintenance_timer(vm).await;
-        let start = slot.start.with_timezone(&Utc);
-        if start <= Utc::now() {
-            return;
-        }
-        let timer = TransientTimer {
-            name: name.clone(),
-            description: format!("vmkeeper maintenance of VM {vm} at {slot}"),
-            trigger: TimerTrigger::At(start),
-            argv: self.run_due_argv(),
-            environment: vec![("VMKEEPER_VM".into(), vm.to_string())],
-        };
-        if let Err(e) = self.systemd.start_timer(&timer).await {
-            warn!(
-                message_id = Event::OperationFailed.message_id(),
-                vm = vm.as_str(),
-                "cannot create {name}: {e}"
-            );
-        }
-    }
-
-    async fn disarm_maintenance_timer(&mut self, vm: &VmName) {
-        let name = systemd::maintenance_timer_name(vm.as_str());
-        // Not loaded is fine: there was nothing to stop.
-        let _ = self.systemd.stop_unit(&name).await;
-    }
-
-    /// Recreates the timers of every recorded maintenance (after a daemon or host restart)
-    /// and stops timers of maintenances that are gone.
-    pub(super) async fn sync_maintenance_timers(&mut self) {
-        let pattern = format!("{}*", systemd::maintenance_timer_name(""));
-        let present: Vec<String> = match self.systemd.list_timers(&[&pattern]).await {
-            Ok(t) => t.into_iter().map(|t| t.name).collect(),
-            Err(e) => {
-                warn!(
-                    message_id = Event::OperationFailed.message_id(),
-                    "cannot list timers: {e}"
-                );
-                return;
+    /// A reboot's new QEMU runs: its maintenance is done (a maintenance reboot), or no longer
+    /// needed (an immediate reboot applied what it was for, and that is announced).
+    pub(super) fn reboot_completed(
+        &mut self,
+        vm: &VmName,
+        intent: Option<&Intent>,
+        now: DateTime<Utc>,
+    ) {
+        match intent {
+            Some(Intent::Reboot {
+                kind: RebootKind::Maintenance { .. },
+                ..
+            }) if self.state.maintenances.contains_key(vm) => {
+                self.state.maintenances.remove(vm);
+                {
+                    journal(
+                        Journal::MaintenanceScheduled,
+                        vm,
+                        "maintenance-done",
+                        "maintenance reboot",
+                        "maintenance done: the VM runs with its declared values",
+                    );
+                    self.changed();
+                }
             }
-        };
-        let tz = self.config.timezone;
-        let wanted: Vec<(VmName, Slot)> = self
-            .state
-            .maintenances
-            .iter()
-            .map(|(vm, m)| (vm.clone(), slot_in(tz, m.slot_start, m.slot_end)))
-            .collect();
-        for (vm, slot) in &wanted {
-            if !present.contains(&systemd::maintenance_timer_name(vm.as_str())) {
-                self.arm_maintenance_timer(vm, *slot).await;
+            Some(Intent::Reboot {
+                kind: RebootKind::Immediate,
+                by,
+                ..
+            }) => {
+                let reason = format!("the VM was rebooted at once (reboot requested by {by})");
+                self.cancel_maintenance(vm, &reason, now);
             }
+            _ => {}
         }
-        for name in present {
-            let vm = name
-                .strip_prefix(&systemd::maintenance_timer_name(""))
-                .and_then(|r| r.strip_suffix(".timer"))
-                .and_then(|n| n.parse::<VmName>().ok());
-            if let Some(vm) = vm
-                && self.ours(&vm)
-                && !self.state.maintenances.contains_key(&vm)
-            {
-                let _ = self.systemd.stop_unit(&name).await;
-            }
-        }
-    }
-
-    /// The command a timer runs: this binary's `run-due` for this configuration.
-    pub(super) fn run_due_argv(&self) -> Vec<String> {
-        let exe = std::env::current_exe()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| "vmkeeper".into());
-        vec![
-            exe,
-            "run-due".into(),
-            "--config".into(),
-            self.config_path.display().to_string(),
-        ]
     }
 
     /// `maintenance request`: adds a reason to the VM's maintenance, or schedules one.
-    pub(super) async fn request_maintenance(
+    pub(super) fn request_maintenance(
         &mut self,
         vm: &VmName,
         reason: &str,
         caller: &Caller,
+        now: DateTime<Utc>,
     ) -> Result<Slot> {
         anyhow::ensure!(
             self.config.vms.contains_key(vm),
@@ -209,15 +162,10 @@ impl Daemon {
             self.state.vms.get(vm).is_some_and(|r| r.running),
             "{vm} is not running; its next start applies every change"
         );
-        let by = caller
-            .user
-            .clone()
-            .unwrap_or_else(|| caller.uid.to_string());
         let requested = Reason::Requested {
-            by,
+            by: caller.name(),
             reason: reason.to_owned(),
         };
-        let now = Utc::now();
         let tz = self.config.timezone;
         let (slot, replaces, mut reasons) = match self.state.maintenances.get(vm) {
             Some(m) => {
@@ -240,45 +188,7 @@ impl Daemon {
             }
         };
         reasons.push(requested);
-        self.schedule_maintenance(vm, slot, reasons, replaces, now)
-            .await;
+        self.schedule_maintenance(vm, slot, &reasons, replaces, now);
         Ok(slot)
-    }
-
-    /// `reboot NAME --now` by an authorized user: a planned cold reboot that applies pending
-    /// changes and makes the VM's maintenance unnecessary.
-    pub(super) async fn reboot_now(&mut self, vm: &VmName, caller: &Caller) -> Result<()> {
-        let spec = self
-            .config
-            .vms
-            .get(vm)
-            .cloned()
-            .with_context(|| format!("no VM named {vm} is declared"))?;
-        anyhow::ensure!(spec.online, "{vm} is declared offline (online = false)");
-        let by = caller
-            .user
-            .clone()
-            .unwrap_or_else(|| caller.uid.to_string());
-        let why = format!("reboot requested by {by}");
-        self.state
-            .intents
-            .insert(vm.clone(), intent("reboot", &why, &by));
-        self.save();
-        if self.state.vms.get(vm).is_some_and(|r| r.running) {
-            self.stop_vm(vm, &why, &by).await?;
-        }
-        let disk = self
-            .state
-            .vms
-            .get(vm)
-            .map_or(spec.resources.disk_gib, |r| r.applied.disk_gib);
-        let resources = crate::model::Resources {
-            disk_gib: disk,
-            ..spec.resources
-        };
-        self.start_vm(&spec, resources, &why).await?;
-        self.cancel_maintenance(vm, &format!("the VM was rebooted at once ({why})"))
-            .await;
-        Ok(())
     }
 }

@@ -35,6 +35,8 @@ use zbus::{
     Variant,
 };
 
+use crate::model::InvocationId;
+
 /// Prefix of every VM service.
 pub const VM_UNIT_PREFIX: &str = "vmkeeper-vm-";
 
@@ -485,8 +487,8 @@ pub struct ServiceDetails {
     pub main_exit: MainExit,
     /// `Result`: `success`, `exit-code`, `signal`, `core-dump`, `timeout`, ...
     pub result: String,
-    /// The unit's `InvocationID` in hex; a new one for every start.
-    pub invocation_id: String,
+    /// The unit's `InvocationID`, new for every start; `None` for a unit never started.
+    pub invocation_id: Option<InvocationId>,
     pub active_enter: Option<DateTime<Utc>>,
     pub inactive_enter: Option<DateTime<Utc>>,
     pub n_restarts: u32,
@@ -514,8 +516,11 @@ pub enum KillWhom {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SystemdEvent {
     /// The unit's `ActiveState`/`SubState` changed (for example an outside `systemctl stop`).
+    /// `invocation` is the run the change is about (systemd sends `InvocationID` with every
+    /// change of the unit's state), `None` when the signal did not carry it.
     UnitStateChanged {
         unit: String,
+        invocation: Option<InvocationId>,
         active_state: ActiveState,
         sub_state: String,
     },
@@ -778,7 +783,7 @@ impl Systemd {
                 main_pid: (main_pid != 0).then_some(main_pid),
                 main_exit,
                 result: get(&s, "Result")?,
-                invocation_id: invocation.iter().map(|b| format!("{b:02x}")).collect(),
+                invocation_id: InvocationId::from_bytes(&invocation),
                 active_enter: timestamp(get(&u, "ActiveEnterTimestamp")?),
                 inactive_enter: timestamp(get(&u, "InactiveEnterTimestamp")?),
                 n_restarts: get(&s, "NRestarts")?,
@@ -973,8 +978,12 @@ fn to_event(msg: &Message) -> Option<SystemdEvent> {
                 msg.body().deserialize().ok()?;
             let active: String = get(&changed, "ActiveState").ok()?;
             let sub_state: String = get(&changed, "SubState").unwrap_or_default();
+            let invocation = get::<Vec<u8>>(&changed, "InvocationID")
+                .ok()
+                .and_then(|b| InvocationId::from_bytes(&b));
             Some(SystemdEvent::UnitStateChanged {
                 unit,
+                invocation,
                 active_state: ActiveState::parse(&active),
                 sub_state,
             })

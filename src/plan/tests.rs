@@ -39,6 +39,7 @@ fn running(state: &mut State, name: &str, applied: Resources) {
         VmRecord {
             applied,
             running: true,
+            instance: None,
             ip_addresses: vec![],
             last_unplanned: None,
             argv: vec![],

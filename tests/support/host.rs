@@ -134,32 +134,53 @@ impl Host {
         );
     }
 
+    /// Starts the daemon (with `--test-clock`, so `run-due --now` works) as a transient unit
+    /// of the harness systemd.
     pub fn start_daemon(&self) {
+        self.start_daemon_with(&[]);
+    }
+
+    /// Starts the daemon with extra environment, e.g. `VMKEEPER_FAILPOINT`.
+    pub fn start_daemon_with(&self, env: &[(&str, &str)]) {
         let bin = env!("CARGO_BIN_EXE_vmkeeper");
-        let out = self
-            .h
-            .inside(
-                "systemd-run",
-                [
-                    "--unit",
-                    &self.unit,
-                    "--property",
-                    "Type=notify",
-                    "--property",
-                    "Environment=VMKEEPER_LOG=info",
-                    bin,
-                    "daemon",
-                    "--config",
-                    self.config_path().to_str().unwrap(),
-                ],
-            )
-            .output()
-            .unwrap();
+        let mut args: Vec<String> = vec![
+            "--unit".into(),
+            self.unit.clone(),
+            "--property".into(),
+            "Type=notify".into(),
+            "--setenv".into(),
+            "VMKEEPER_LOG=info".into(),
+        ];
+        for (k, v) in env {
+            args.extend(["--setenv".into(), format!("{k}={v}")]);
+        }
+        args.extend([
+            bin.into(),
+            "daemon".into(),
+            "--test-clock".into(),
+            "--config".into(),
+            self.config_path().display().to_string(),
+        ]);
+        let out = self.h.inside("systemd-run", &args).output().unwrap();
         assert!(
             out.status.success(),
             "systemd-run: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Starts the daemon with `VMKEEPER_FAILPOINT` set.
+    pub fn start_daemon_at(&self, failpoint: &str) {
+        self.start_daemon_with(&[("VMKEEPER_FAILPOINT", failpoint)]);
+    }
+
+    /// Waits until the daemon holds at failpoint `point` (its journal says so).
+    pub fn wait_failpoint(&self, vm: &str, point: &str, timeout: Duration) {
+        wait_until(timeout, &format!("failpoint {point} reached"), || {
+            self.journal(vm)
+                .iter()
+                .any(|e| e["ACTION"] == "failpoint" && e["FAILPOINT"] == point)
+        });
     }
 
     pub fn kill9_daemon(&self) {
@@ -199,14 +220,13 @@ impl Host {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Every VM of `status --json`.
+    pub fn vms(&self) -> Vec<Value> {
+        self.status()["vms"].as_array().unwrap().clone()
+    }
+
     pub fn vm_status(&self, vm: &str) -> Value {
-        self.status()
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == vm)
-            .cloned()
-            .unwrap()
+        self.vms().into_iter().find(|v| v["name"] == vm).unwrap()
     }
 
     pub fn console(&self, vm: &str) -> PathBuf {

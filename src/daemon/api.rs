@@ -1,0 +1,199 @@
+//! The local API's requests as the loop answers them: read-only ones at once from what the
+//! loop knows (never a reconcile), mutating ones after their operations are done.
+
+use chrono::{DateTime, Utc};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::eventloop::Daemon;
+use super::maintenance::describe_reason;
+use crate::api::{Caller, Request, Response};
+use crate::events::Event as Journal;
+use crate::localtime::rfc3339;
+use crate::model::VmName;
+use crate::plan::slot_in;
+use crate::state::RebootKind;
+
+impl Daemon {
+    pub(super) fn api(&mut self, req: Request, caller: &Caller, reply: oneshot::Sender<Response>) {
+        if req.is_mutating() && !caller.authorized {
+            warn!(
+                message_id = Journal::Audit.message_id(),
+                caller_uid = caller.uid,
+                caller = caller.user.as_deref().unwrap_or("?"),
+                "refused {req:?} from uid {}: not in {}",
+                caller.uid,
+                self.config.authorized_group
+            );
+            let _ = reply.send(Response::Error(format!(
+                "not authorized: only root and members of {} may do this",
+                self.config.authorized_group
+            )));
+            return;
+        }
+        let answer = match req {
+            // Read-only: answered at once, from memory.
+            Request::Status => {
+                let _ = reply.send(match serde_json::to_value(self.status()) {
+                    Ok(v) => Response::Ok(v),
+                    Err(e) => Response::Error(e.to_string()),
+                });
+                return;
+            }
+            Request::MaintenanceList => {
+                let _ = reply.send(Response::Ok(self.maintenance_list()));
+                return;
+            }
+            Request::Reboot { vm } => {
+                audit(caller, "reboot", Some(&vm));
+                return self.api_reboot(&vm, caller, reply);
+            }
+            Request::MaintenanceRequest { vm, reason } => {
+                audit(caller, "maintenance-request", Some(&vm));
+                match self.request_maintenance(&vm, &reason, caller, Utc::now()) {
+                    Ok(slot) => Response::Ok(serde_json::json!({ "vm": vm, "slot": slot })),
+                    Err(e) => Response::Error(format!("{e:#}")),
+                }
+            }
+            Request::RunDue { now } => {
+                audit(caller, "run-due", None);
+                let now = match self.api_now(now, caller) {
+                    Ok(n) => n,
+                    Err(e) => return drop(reply.send(e)),
+                };
+                let ops = self.pass(now);
+                let ok = serde_json::json!({
+                    "ranAt": rfc3339(now.with_timezone(&self.config.timezone)),
+                    "operations": ops.len(),
+                });
+                return self.wait_until_idle(ops, now, ok, reply);
+            }
+            Request::Delete { vm, date, now } => {
+                audit(caller, "delete", Some(&vm));
+                match self.api_now(now, caller) {
+                    Ok(now) => self.api_delete(&vm, date, now, caller),
+                    Err(e) => e,
+                }
+            }
+            Request::CancelDeletion { vm, now } => {
+                audit(caller, "cancel-deletion", Some(&vm));
+                match self.api_now(now, caller) {
+                    Ok(now) => self.api_cancel_deletion(&vm, now, caller),
+                    Err(e) => e,
+                }
+            }
+            Request::Reload => {
+                audit(caller, "reload", None);
+                return self.load_config(Some(reply));
+            }
+        };
+        self.answer(answer, reply);
+    }
+
+    /// `reboot NAME --now`: a planned cold reboot that applies pending changes (a start, when
+    /// the VM is not running); answered once the new QEMU is up.
+    fn api_reboot(&mut self, vm: &VmName, caller: &Caller, reply: oneshot::Sender<Response>) {
+        let now = Utc::now();
+        let config = self.config.clone();
+        let refusal = match config.vms.get(vm) {
+            None => Some(format!("no VM named {vm} is declared")),
+            Some(spec) if !spec.online => {
+                Some(format!("{vm} is declared offline (online = false)"))
+            }
+            Some(_) if !self.state.vms.contains_key(vm) => Some(format!(
+                "{vm} has no disk yet; it starts once it is created"
+            )),
+            Some(_) if self.state.deletions.contains_key(vm) => {
+                Some(format!("{vm} is being deleted; cancel the deletion first"))
+            }
+            Some(_) if self.slot(vm).busy() => Some(format!(
+                "{vm} is busy ({} in progress); try again when it is done",
+                self.slot(vm)
+                    .sup
+                    .op
+                    .as_ref()
+                    .map_or("an operation", |op| op.kind.as_str())
+            )),
+            Some(_) => None,
+        };
+        if let Some(r) = refusal {
+            let _ = reply.send(Response::Error(r));
+            return;
+        }
+        let id = if self.slot(vm).sup.unit.is_up() {
+            self.reboot(vm, RebootKind::Immediate, caller.actor(), now)
+        } else {
+            let spec = self.config.vms[vm].clone();
+            let resources = self.start_resources(&spec);
+            self.start(vm, resources, now)
+        };
+        self.wait_for(
+            id.into_iter().collect(),
+            serde_json::json!({ "rebooted": vm }),
+            reply,
+        );
+    }
+
+    /// The instant a request is judged as of: the clock, or `--now` from root on a daemon
+    /// started for tests.
+    fn api_now(
+        &self,
+        now: Option<DateTime<Utc>>,
+        caller: &Caller,
+    ) -> Result<DateTime<Utc>, Response> {
+        match now {
+            Some(_) if caller.uid != 0 => Err(Response::Error(
+                "not authorized: only root may pass --now".into(),
+            )),
+            Some(_) if !self.test_clock => Err(Response::Error(
+                "--now moves time and is for tests: this daemon was not started with \
+                 --test-clock"
+                    .into(),
+            )),
+            Some(n) => Ok(n),
+            None => Ok(Utc::now()),
+        }
+    }
+
+    fn maintenance_list(&self) -> serde_json::Value {
+        let tz = self.config.timezone;
+        self.state
+            .maintenances
+            .iter()
+            .map(|(vm, m)| {
+                serde_json::json!({
+                    "vm": vm,
+                    "slot": slot_in(tz, m.slot_start, m.slot_end),
+                    "announcedAt": rfc3339(m.announced_at.with_timezone(&tz)),
+                    "reasons": m.reasons.iter().map(describe_reason).collect::<Vec<_>>(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Records an accepted mutating call: who (from the kernel), what, on which VM.
+fn audit(caller: &Caller, action: &str, vm: Option<&VmName>) {
+    let user = caller.user.as_deref().unwrap_or("?");
+    match vm {
+        Some(vm) => info!(
+            message_id = Journal::Audit.message_id(),
+            vm = vm.as_str(),
+            action,
+            caller_uid = caller.uid,
+            caller = user,
+            planned = true,
+            "{action} {vm} requested by {user} (uid {})",
+            caller.uid
+        ),
+        None => info!(
+            message_id = Journal::Audit.message_id(),
+            action,
+            caller_uid = caller.uid,
+            caller = user,
+            planned = true,
+            "{action} requested by {user} (uid {})",
+            caller.uid
+        ),
+    }
+}

@@ -1,0 +1,67 @@
+//! Delivers the outbox: every notification the loop decided, in order, to the hook. A
+//! notification counts as delivered when the hook exited 0; a failing hook is retried with
+//! backoff, and later notifications wait behind it so the hook sees them in order.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use super::Event;
+use crate::exec::notify::Notifier;
+use crate::state::Notice;
+
+/// First wait after a failed delivery; doubles up to [`MAX_RETRY`].
+const MIN_RETRY: Duration = Duration::from_secs(2);
+/// Longest wait between delivery attempts.
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
+/// The hook and what is to deliver.
+#[derive(Debug, Clone, Default)]
+pub struct Outbox {
+    /// The hook; without one a notification is delivered by being in the journal.
+    pub command: Option<PathBuf>,
+    /// Undelivered notifications, oldest first.
+    pub notices: Arc<Vec<Notice>>,
+}
+
+/// Delivers what `rx` shows, reporting [`Event::Delivered`] and [`Event::DeliveryFailed`].
+pub fn spawn(
+    mut rx: watch::Receiver<Outbox>,
+    events: mpsc::UnboundedSender<Event>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        // Delivered, but maybe not yet dropped from the loop's outbox.
+        let mut delivered = BTreeSet::new();
+        let mut retry = MIN_RETRY;
+        loop {
+            let outbox = rx.borrow_and_update().clone();
+            delivered.retain(|id| outbox.notices.iter().any(|n| n.id == *id));
+            let Some(next) = outbox.notices.iter().find(|n| !delivered.contains(&n.id)) else {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let mut event = next.event.clone();
+            event["id"] = next.id.into();
+            match Notifier::new(outbox.command.clone()).send(&event).await {
+                Ok(()) => {
+                    delivered.insert(next.id);
+                    retry = MIN_RETRY;
+                    let _ = events.send(Event::Delivered { id: next.id });
+                }
+                Err(e) => {
+                    let _ = events.send(Event::DeliveryFailed {
+                        id: next.id,
+                        error: e.to_string(),
+                    });
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(MAX_RETRY);
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,211 @@
+//! Starting, stopping and rebooting a VM's QEMU unit, and reading how a run ended.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tracing::warn;
+
+use super::{Ctx, LinkRx, Report, Reporter, connection};
+use crate::events::Event;
+use crate::exec::systemd::{ActiveState, JobResult, MainExit, TransientService};
+use crate::failpoint;
+use crate::model::InvocationId;
+
+/// How long QEMU gets to exit after `quit` before systemd stops the unit.
+const QUIT_GRACE: Duration = Duration::from_secs(10);
+/// How long a stop waits for a QMP connection that is being re-established before it goes on
+/// without one (and so without the ACPI power button).
+const LINK_WAIT: Duration = Duration::from_secs(5);
+/// How long a start holds its slot of the host-wide bound waiting for QEMU to come up (QMP
+/// answering, the machine running).
+const READY_WAIT: Duration = Duration::from_secs(30);
+
+/// How to start a VM's QEMU.
+#[derive(Debug)]
+pub struct QemuStart {
+    /// The unit and its command line.
+    pub service: TransientService,
+    /// Directories to create first.
+    pub dirs: Vec<PathBuf>,
+    /// Files of an earlier QEMU to remove first (sockets it left).
+    pub stale: Vec<PathBuf>,
+    /// The VM's QMP connection, to see the new QEMU come up.
+    pub link: LinkRx,
+}
+
+/// How to stop a VM's QEMU.
+#[derive(Debug)]
+pub struct QemuStop {
+    /// The unit.
+    pub unit: String,
+    /// The instance to stop.
+    pub instance: Option<InvocationId>,
+    /// How long the guest gets to power off after the ACPI button.
+    pub grace: Duration,
+    /// The VM's QMP connection.
+    pub link: LinkRx,
+}
+
+/// Starts QEMU: one slot of the host-wide bound, the unit, then waits until QEMU answers QMP
+/// and runs (holding the slot, so a boot storm starts a few QEMUs at a time).
+///
+/// `before_job` and `after_job` are the failpoints around systemd's start job (the reboots
+/// have their own names, and none before the job).
+pub async fn start(
+    ctx: &Ctx,
+    r: &Reporter,
+    s: &QemuStart,
+    before_job: Option<&str>,
+    after_job: &str,
+) -> Result<()> {
+    let _slot = ctx
+        .starts
+        .acquire()
+        .await
+        .context("the start bound is closed")?;
+    for d in &s.dirs {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    for f in &s.stale {
+        // A socket left by a dead QEMU would make the new one fail to bind.
+        let _ = std::fs::remove_file(f);
+    }
+    let unit = &s.service.name;
+    let _ = ctx.systemd.reset_failed(unit).await;
+    if let Some(point) = before_job {
+        failpoint::hit(point, r.vm()).await;
+    }
+    let result = ctx.systemd.start_service(&s.service).await?;
+    if result != JobResult::Done {
+        anyhow::bail!("the start job of {unit} ended with {result:?}");
+    }
+    let details = ctx.systemd.service_details(unit).await.ok();
+    let instance = details.as_ref().and_then(|d| d.invocation_id.clone());
+    let pid = details.as_ref().and_then(|d| d.main_pid);
+    failpoint::hit(after_job, r.vm()).await;
+    r.send(Report::Started {
+        instance: instance.clone(),
+        pid,
+    });
+    let mut link = s.link.clone();
+    match connection(&mut link, instance.as_ref(), READY_WAIT).await {
+        Some(q) => {
+            if let Err(e) = q.query_status().await {
+                warn!(
+                    message_id = Event::OperationFailed.message_id(),
+                    vm = r.vm(),
+                    "the new QEMU does not answer query-status: {e}"
+                );
+            }
+        }
+        None => warn!(
+            message_id = Event::OperationFailed.message_id(),
+            vm = r.vm(),
+            "no QMP connection to the new QEMU within {READY_WAIT:?}"
+        ),
+    }
+    Ok(())
+}
+
+/// Stops QEMU on purpose: the ACPI power button, then `quit`, finally systemd's stop (SIGTERM,
+/// then SIGKILL). Reports how. `points` prefixes the stop's own failpoints (`stop`); a reboot
+/// has its own and passes `None`.
+pub async fn stop(ctx: &Ctx, r: &Reporter, s: &QemuStop, points: Option<&str>) -> Result<()> {
+    let mut link = s.link.clone();
+    let qmp = connection(&mut link, s.instance.as_ref(), LINK_WAIT).await;
+    let mut how = "ACPI power-off";
+    let mut stopped = false;
+    if let Some(q) = &qmp {
+        if q.system_powerdown().await.is_ok() {
+            if let Some(p) = points {
+                failpoint::hit(&format!("{p}:after-powerdown"), r.vm()).await;
+            }
+            stopped = wait_inactive(ctx, &s.unit, s.grace).await;
+        }
+        if !stopped {
+            how = "QMP quit";
+            if q.quit().await.is_ok() {
+                stopped = wait_inactive(ctx, &s.unit, QUIT_GRACE).await;
+            }
+        }
+    }
+    if !stopped {
+        how = "systemd stop";
+        match ctx.systemd.stop_unit(&s.unit).await {
+            Ok(_) => {}
+            Err(e) if e.is_no_such_unit() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let _ = ctx.systemd.reset_failed(&s.unit).await;
+    if let Some(p) = points {
+        failpoint::hit(&format!("{p}:after-stopped"), r.vm()).await;
+    }
+    r.send(Report::Stopped { how });
+    Ok(())
+}
+
+/// A planned cold reboot: stop what runs (if anything), start the new QEMU.
+pub async fn reboot(
+    ctx: &Ctx,
+    r: &Reporter,
+    stop_: &QemuStop,
+    start_: &QemuStart,
+    fp: &str,
+) -> Result<()> {
+    failpoint::hit(&format!("{fp}:after-intent"), r.vm()).await;
+    if unit_runs(ctx, &stop_.unit).await? {
+        stop(ctx, r, stop_, None).await?;
+    } else {
+        r.send(Report::Stopped {
+            how: "already stopped",
+        });
+    }
+    failpoint::hit(&format!("{fp}:after-stop"), r.vm()).await;
+    start(ctx, r, start_, None, &format!("{fp}:after-start")).await
+}
+
+/// How the unit's last run ended, for an alarm; clears a failed state so the name is free.
+pub async fn inspect(ctx: &Ctx, unit: &str) -> String {
+    let detail = match ctx.systemd.service_details(unit).await {
+        Ok(d) => match d.main_exit {
+            MainExit::Exited(code) => format!("exit status {code}, result {}", d.result),
+            MainExit::Killed(sig) => format!("killed by signal {sig}, result {}", d.result),
+            MainExit::Dumped(sig) => format!("dumped core on signal {sig}"),
+            MainExit::None => format!("result {}", d.result),
+        },
+        Err(_) => "unit gone".into(),
+    };
+    let _ = ctx.systemd.reset_failed(unit).await;
+    detail
+}
+
+async fn unit_runs(ctx: &Ctx, unit: &str) -> Result<bool> {
+    let units = ctx.systemd.list_units(&[unit]).await?;
+    Ok(units.iter().any(|u| runs(&u.active_state)))
+}
+
+fn runs(state: &ActiveState) -> bool {
+    matches!(
+        state,
+        ActiveState::Active
+            | ActiveState::Activating
+            | ActiveState::Deactivating
+            | ActiveState::Reloading
+    )
+}
+
+/// Polls until the unit no longer runs, up to `timeout`.
+async fn wait_inactive(ctx: &Ctx, unit: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match unit_runs(ctx, unit).await {
+            Ok(false) => return true,
+            Ok(true) => {}
+            Err(_) => return false,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
