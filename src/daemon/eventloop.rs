@@ -26,7 +26,7 @@ use crate::render::{self, VmPaths};
 use crate::state::{
     Actor, Intent, RebootKind, State, StopReason, Unplanned, UnplannedKind, VmRecord,
 };
-use crate::supervisor::{Decision, OpKind, Supervisor};
+use crate::supervisor::{Decision, Link, OpKind, Supervisor};
 
 /// A full look at the units at least this often, behind the signals.
 pub const TICK: Duration = Duration::from_secs(60);
@@ -54,6 +54,8 @@ pub(super) struct Slot {
     link_task: Option<tokio::task::JoinHandle<()>>,
     op_task: Option<tokio::task::JoinHandle<()>>,
     waiting: Option<Waiting>,
+    /// When the running QEMU's QMP connection broke, until it is back.
+    link_lost: Option<Instant>,
     /// An unplanned end being looked at (exit status) before its alarm.
     pending_alarm: Option<(UnplannedKind, Option<InvocationId>, String)>,
     /// The running QEMU's binary was replaced on disk.
@@ -72,6 +74,7 @@ impl Slot {
             link_task: None,
             op_task: None,
             waiting: None,
+            link_lost: None,
             pending_alarm: None,
             binary_replaced: false,
             outdated_argv: None,
@@ -93,6 +96,7 @@ impl Slot {
         if let Some(t) = self.link_task.take() {
             t.abort();
         }
+        self.link_lost = None;
         self.link_tx.send_replace(None);
     }
 }
@@ -383,11 +387,7 @@ impl Daemon {
                 vm,
                 instance: Some(instance),
                 connected,
-            } => {
-                if let Some(slot) = self.vms.get_mut(&vm) {
-                    slot.sup.link_event(&instance, connected, now);
-                }
-            }
+            } => self.link_event(&vm, &instance, connected, now),
             Event::Link { instance: None, .. } => {}
             Event::Op { vm, id, report } => self.op_report(&vm, id, report, now),
             Event::Persisted { generation } => self.persisted(generation),
@@ -530,6 +530,46 @@ impl Daemon {
             self.decide(&row.vm, d);
         }
         self.dirty = true;
+    }
+
+    /// A QMP connection came up or broke; a break of a running QEMU's connection is said in
+    /// the journal, and so is its repair.
+    fn link_event(&mut self, vm: &VmName, instance: &InvocationId, connected: bool, now: Instant) {
+        let Some(slot) = self.vms.get_mut(vm) else {
+            return;
+        };
+        if slot.sup.instance() != Some(instance) {
+            return;
+        }
+        let was_connected = matches!(slot.sup.link, Link::Connected { .. });
+        slot.sup.link_event(instance, connected, now);
+        match (was_connected, connected, slot.link_lost) {
+            (true, false, _) => {
+                slot.link_lost = Some(now);
+                warn!(
+                    message_id = Journal::OperationFailed.message_id(),
+                    vm = vm.as_str(),
+                    action = "qmp-lost",
+                    reason = "the QMP connection closed while QEMU runs",
+                    planned = true,
+                    "QMP connection to instance {} lost; reconnecting",
+                    instance.short()
+                );
+            }
+            (false, true, Some(lost)) => {
+                slot.link_lost = None;
+                info!(
+                    message_id = Journal::OperationFailed.message_id(),
+                    vm = vm.as_str(),
+                    action = "qmp-reconnected",
+                    planned = true,
+                    "QMP connection to instance {} re-established after {:.1} s",
+                    instance.short(),
+                    now.saturating_duration_since(lost).as_secs_f64()
+                );
+            }
+            _ => {}
+        }
     }
 
     fn qmp_event(&mut self, vm: &VmName, instance: &InvocationId, event: QmpEvent, now: Instant) {

@@ -332,3 +332,114 @@ pub fn send_guest(dir: &Path, vm: &str, line: &str) {
             .unwrap();
     s.write_all(format!("{line}\n").as_bytes()).unwrap();
 }
+
+/// systemd's MESSAGE_ID of "unit started" (SD_MESSAGE_UNIT_STARTED).
+const UNIT_STARTED: &str = "39f53479d3a045ac8e11786248231fbf";
+
+impl Host {
+    /// `vmkeeper ARGS --config CONFIG` as root; panics unless it succeeds; returns stdout.
+    pub fn vmkeeper_ok(&self, args: &[&str]) -> String {
+        let mut all: Vec<&str> = args.to_vec();
+        let config = self.config_path();
+        all.extend(["--config", config.to_str().unwrap()]);
+        let out = self.vmkeeper(&all);
+        assert!(
+            out.status.success(),
+            "vmkeeper {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// How many times systemd started the VM's unit since this host was made: one per QEMU
+    /// instance.
+    pub fn qemu_starts(&self, vm: &str) -> usize {
+        let unit = Host::vm_unit(vm);
+        let out = self.h.journalctl(&[
+            &format!("UNIT={unit}"),
+            &format!("MESSAGE_ID={UNIT_STARTED}"),
+            "-o",
+            "json",
+            "--no-pager",
+        ]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| {
+                e["__REALTIME_TIMESTAMP"]
+                    .as_str()
+                    .and_then(|t| t.parse::<u128>().ok())
+                    .is_some_and(|t| t >= self.since_us)
+            })
+            .count()
+    }
+
+    /// The VM's QEMU as a pid of the host (status shows the pid in the harness's namespace).
+    pub fn qemu_host_pid(&self, vm: &str) -> Option<i32> {
+        let name = format!("guest={vm},debug-threads=on");
+        std::fs::read_dir("/proc").ok()?.find_map(|e| {
+            let e = e.ok()?;
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            cmdline
+                .split(|b| *b == 0)
+                .any(|a| a == name.as_bytes())
+                .then_some(pid)
+        })
+    }
+
+    /// Cuts the QMP connection between the daemon and the VM's QEMU from outside: takes
+    /// QEMU's end of the accepted connection (pidfd_getfd) and shuts it down, as a broken
+    /// socket would. Returns false when no connection was found.
+    pub fn cut_qmp(&self, vm: &str) -> bool {
+        let Some(pid) = self.qemu_host_pid(vm) else {
+            return false;
+        };
+        let qmp = self.dir.join("run/vms").join(vm).join("qmp.sock");
+        // Connected (state 03) sockets bound to the QMP path: QEMU's accepted connection.
+        let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+        let inodes: Vec<String> = unix
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() >= 8 && f[5] == "03" && f[7] == qmp.to_str()?).then(|| f[6].to_owned())
+            })
+            .collect();
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return false;
+        };
+        let target = fds.filter_map(Result::ok).find_map(|fd| {
+            let link = std::fs::read_link(fd.path()).ok()?;
+            let link = link.to_str()?;
+            let inode = link.strip_prefix("socket:[")?.strip_suffix(']')?;
+            inodes
+                .iter()
+                .any(|i| i == inode)
+                .then(|| fd.file_name().to_str()?.parse::<i32>().ok())
+                .flatten()
+        });
+        let Some(fd) = target else {
+            return false;
+        };
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is
+        // passed.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+        if pidfd < 0 {
+            return false;
+        }
+        // SAFETY: pidfd_getfd duplicates fd `fd` of the process behind `pidfd` into this
+        // process; it takes only integers and returns a new fd or -1.
+        let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) } as i32;
+        // SAFETY: shutdown and close take fds this function owns (or -1, which they reject).
+        let ok = dup >= 0 && unsafe { libc::shutdown(dup, libc::SHUT_RDWR) } == 0;
+        // SAFETY: as above; both fds were opened here.
+        unsafe {
+            libc::close(dup);
+            libc::close(pidfd);
+        }
+        ok
+    }
+}
