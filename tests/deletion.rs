@@ -16,7 +16,6 @@ use support::host::*;
 use vmkeeper::deletion::{Schedule, Stage};
 use vmkeeper::localtime::rfc3339;
 
-const DELETION: &str = "5c8158d104664dda940939c01b257d88";
 const AUDIT: &str = "21690075974949ab8ad5f5b8fd76af2b";
 
 /// Today in the configuration's zone (the default, Europe/Berlin).
@@ -58,10 +57,6 @@ fn text(o: &Output) -> String {
 fn run_due(host: &Host, now: DateTime<Utc>) {
     let o = vmk(host, &["run-due", "--now", &iso(now)]);
     assert!(o.status.success(), "run-due: {}", text(&o));
-}
-
-fn state(host: &Host) -> Value {
-    serde_json::from_slice(&std::fs::read(host.dir.join("state/state.json")).unwrap()).unwrap()
 }
 
 /// `vmkeeper plan --json` for another configuration against this host's state.
@@ -113,35 +108,15 @@ fn timer(vm: &str, stage: &str) -> String {
     format!("vmkeeper-delete-{vm}-{stage}.timer")
 }
 
-/// Ids of the images named `name` in the pool's trash.
-fn trash(host: &Host, name: &str) -> Vec<String> {
-    let out = host.h.rbd_ok(&[
-        "trash",
-        "ls",
-        "--all",
-        "--format",
-        "json",
-        &host.h.ceph_pool,
-    ]);
-    serde_json::from_str::<Value>(&out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["name"] == name)
-        .map(|e| e["id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 /// Removes what a previous run on the same harness left: trashed images of that name and
 /// the image with its snapshots.
 fn clear_leftovers(host: &Host, name: &str) {
-    for id in trash(host, name) {
+    for id in host.trash(name) {
         host.h
             .rbd_ok(&["trash", "restore", &format!("{}/{id}", host.h.ceph_pool)]);
     }
     let spec = host.h.image_spec(name);
-    if image_exists(host, name) {
+    if host.image_exists(name) {
         host.h
             .rbd(&["snap", "unprotect", &format!("{spec}@protected")]);
         host.h.rbd_ok(&["snap", "purge", "--no-progress", &spec]);
@@ -157,23 +132,6 @@ fn image_id(host: &Host, vm: &str) -> String {
         .as_str()
         .unwrap()
         .to_owned()
-}
-
-fn image_exists(host: &Host, vm: &str) -> bool {
-    host.h
-        .rbd(&["info", &host.h.image_spec(vm)])
-        .status
-        .success()
-}
-
-/// Journal entries of the deletion stage `stage` completing.
-fn stage_done(host: &Host, vm: &str, stage: &str) -> Vec<Value> {
-    host.journal(vm)
-        .into_iter()
-        .filter(|e| {
-            e["MESSAGE_ID"] == DELETION && e["ACTION"] == "deletion-stage" && e["STAGE"] == stage
-        })
-        .collect()
 }
 
 /// The first 4 KiB of the VM's image, read by the host (`rbd export` to a pipe, cut short).
@@ -216,7 +174,12 @@ fn a_cli_deletion_is_announced_shuts_down_and_a_cancel_brings_the_vm_back() {
         "{}",
         text(&o)
     );
-    assert!(state(&host)["deletions"].as_object().unwrap().is_empty());
+    assert!(
+        host.state_json()["deletions"]
+            .as_object()
+            .unwrap()
+            .is_empty()
+    );
 
     let d = deletion_date();
     let s = Schedule::new(Berlin, d);
@@ -242,11 +205,16 @@ fn a_cli_deletion_is_announced_shuts_down_and_a_cancel_brings_the_vm_back() {
         .unwrap();
     assert!(!o.status.success());
     assert!(text(&o).contains("not authorized: "), "{}", text(&o));
-    assert!(state(&host)["deletions"].as_object().unwrap().is_empty());
+    assert!(
+        host.state_json()["deletions"]
+            .as_object()
+            .unwrap()
+            .is_empty()
+    );
     let o = vmk(&host, &["delete", vm, "--at", &d.to_string()]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("purge"), "{}", text(&o));
-    assert_eq!(state(&host)["deletions"][vm]["source"]["kind"], "cli");
+    assert_eq!(host.state_json()["deletions"][vm]["source"]["kind"], "cli");
     let audit: Vec<Value> = host
         .journal(vm)
         .into_iter()
@@ -279,13 +247,13 @@ fn a_cli_deletion_is_announced_shuts_down_and_a_cancel_brings_the_vm_back() {
     let o = host.h.systemctl(&["start", &svc]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(
-        state(&host)["deletions"][vm]["progress"]["stage"],
+        host.state_json()["deletions"][vm]["progress"]["stage"],
         "scheduled"
     );
 
     // T-5 days: announced (journal, hook with every stage's date), downtime from T.
     run_due(&host, at(&s, Stage::Announce));
-    assert_eq!(stage_done(&host, vm, "announce").len(), 1);
+    assert_eq!(host.stage_done(vm, "announce").len(), 1);
     let hook = host
         .hook_events()
         .into_iter()
@@ -295,7 +263,7 @@ fn a_cli_deletion_is_announced_shuts_down_and_a_cancel_brings_the_vm_back() {
     assert_eq!(hook["deletion"]["stages"].as_array().unwrap().len(), 5);
     assert_eq!(hook["deletion"]["downtimeFrom"], rfc3339(s.t()).as_str());
     assert_eq!(
-        state(&host)["deletions"][vm]["downtimeFrom"],
+        host.state_json()["deletions"][vm]["downtimeFrom"],
         s.t()
             .with_timezone(&Utc)
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
@@ -307,7 +275,7 @@ fn a_cli_deletion_is_announced_shuts_down_and_a_cancel_brings_the_vm_back() {
 
     // T: off as planned, no alarm, the disk untouched.
     run_due(&host, at(&s, Stage::Shutdown));
-    assert_eq!(stage_done(&host, vm, "shutdown").len(), 1);
+    assert_eq!(host.stage_done(vm, "shutdown").len(), 1);
     assert!(!host.active(&Host::vm_unit(vm)));
     assert_eq!(host.vm_status(vm)["running"], false);
     assert_eq!(host.count(vm, UNPLANNED), 0);
@@ -345,7 +313,7 @@ fn a_cli_deletion_is_announced_shuts_down_and_a_cancel_brings_the_vm_back() {
         "{}",
         text(&o)
     );
-    assert!(state(&host)["deletions"].get(vm).is_some());
+    assert!(host.state_json()["deletions"].get(vm).is_some());
 
     // At T+2 days the cancel is accepted: the VM comes back with its disk and addresses.
     let mark = host.console_len(vm);
@@ -365,7 +333,7 @@ fn a_cli_deletion_is_announced_shuts_down_and_a_cancel_brings_the_vm_back() {
         first_block(&host, vm) == marker,
         "the disk content is the same"
     );
-    let st = state(&host);
+    let st = host.state_json();
     assert!(st["deletions"].get(vm).is_none());
     assert_eq!(st["vms"][vm]["ipAddresses"], json!(["192.0.2.71"]));
     wait_until(Duration::from_secs(10), "timers gone", || {
@@ -395,7 +363,7 @@ fn a_configured_deletion_runs_to_the_end_and_a_crash_in_the_purge_finishes_it_on
     host.start_daemon_at("deletion:purge:after-acted");
     host.wait_vmsize(vm, Host::sectors(30), 0, BOOT);
     wait_until(Duration::from_secs(10), "deletion recorded", || {
-        state(&host)["deletions"][vm]["source"]["kind"] == "config"
+        host.state_json()["deletions"][vm]["source"]["kind"] == "config"
     });
     // Two snapshots stand for backups in the pool, one protected.
     let spec = host.h.image_spec(vm);
@@ -455,10 +423,10 @@ fn a_configured_deletion_runs_to_the_end_and_a_crash_in_the_purge_finishes_it_on
         })
     };
     wait_until(Duration::from_secs(60), "image in the trash", || {
-        trash(&host, vm).len() == 1
+        host.trash(vm).len() == 1
     });
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(state(&host)["deletions"][vm]["stageStarted"], "purge");
+    assert_eq!(host.state_json()["deletions"][vm]["stageStarted"], "purge");
     host.kill9_daemon();
     let o = runner.join().unwrap();
     assert!(
@@ -466,7 +434,7 @@ fn a_configured_deletion_runs_to_the_end_and_a_crash_in_the_purge_finishes_it_on
         "run-due ended with the daemon: {}",
         text(&o)
     );
-    assert!(stage_done(&host, vm, "purge").is_empty());
+    assert!(host.stage_done(vm, "purge").is_empty());
     // Timers are recreated from the state at start: drop them to see that.
     for t in timers(&host, vm) {
         host.h.systemctl(&["stop", &t]);
@@ -474,9 +442,9 @@ fn a_configured_deletion_runs_to_the_end_and_a_crash_in_the_purge_finishes_it_on
 
     host.start_daemon();
     wait_until(Duration::from_secs(30), "purge finished", || {
-        state(&host)["deletions"][vm]["progress"]["last"] == "purge"
+        host.state_json()["deletions"][vm]["progress"]["last"] == "purge"
     });
-    let done = stage_done(&host, vm, "purge");
+    let done = host.stage_done(vm, "purge");
     assert_eq!(done.len(), 1, "the purge completes exactly once");
     assert!(
         done[0]["REASON"]
@@ -486,12 +454,12 @@ fn a_configured_deletion_runs_to_the_end_and_a_crash_in_the_purge_finishes_it_on
         "{:?}",
         done[0]["REASON"]
     );
-    let st = state(&host);
+    let st = host.state_json();
     assert_eq!(st["deletions"][vm]["stageStarted"], Value::Null);
     assert!(st["vms"].get(vm).is_none(), "the VM's record is gone");
     assert_eq!(st["deletions"][vm]["ipAddresses"], json!([]));
-    assert_eq!(trash(&host, vm).len(), 1);
-    assert!(!image_exists(&host, vm));
+    assert_eq!(host.trash(vm).len(), 1);
+    assert!(!host.image_exists(vm));
     let ts = timers(&host, vm);
     assert_eq!(
         ts,
@@ -513,7 +481,7 @@ fn a_configured_deletion_runs_to_the_end_and_a_crash_in_the_purge_finishes_it_on
 
     // T+8 days: snapshots and the trashed image are gone.
     run_due(&host, at(&s, Stage::DeleteBackups));
-    let done = stage_done(&host, vm, "delete-backups");
+    let done = host.stage_done(vm, "delete-backups");
     assert_eq!(done.len(), 1);
     assert!(
         done[0]["REASON"]
@@ -523,8 +491,8 @@ fn a_configured_deletion_runs_to_the_end_and_a_crash_in_the_purge_finishes_it_on
         "{:?}",
         done[0]["REASON"]
     );
-    assert!(trash(&host, vm).is_empty());
-    assert!(!image_exists(&host, vm));
+    assert!(host.trash(vm).is_empty());
+    assert!(!host.image_exists(vm));
 
     // The name is held until T+38 days, with the date it is free.
     let mut again = host.config.clone();
@@ -539,8 +507,8 @@ fn a_configured_deletion_runs_to_the_end_and_a_crash_in_the_purge_finishes_it_on
         "{refused:?}"
     );
     run_due(&host, at(&s, Stage::ReleaseName));
-    assert_eq!(stage_done(&host, vm, "release-name").len(), 1);
-    assert!(state(&host)["deletions"].get(vm).is_none());
+    assert_eq!(host.stage_done(vm, "release-name").len(), 1);
+    assert!(host.state_json()["deletions"].get(vm).is_none());
     let plan = plan_with(&host, &again, at(&s, Stage::ReleaseName));
     assert!(refusals_of(&plan, vm).is_empty());
     assert!(
@@ -599,28 +567,31 @@ fn a_crash_right_after_a_stage_started_is_finished_at_the_next_start() {
         })
     };
     wait_until(Duration::from_secs(60), "shutdown started", || {
-        state(&host)["deletions"][vm]["stageStarted"] == "shutdown"
+        host.state_json()["deletions"][vm]["stageStarted"] == "shutdown"
     });
     host.kill9_daemon();
     assert!(!runner.join().unwrap().status.success());
     assert!(host.active(&Host::vm_unit(vm)), "the VM still runs");
-    assert!(stage_done(&host, vm, "shutdown").is_empty());
+    assert!(host.stage_done(vm, "shutdown").is_empty());
 
     // The clock is still days before T, yet the begun stage is finished, once, as planned.
     host.start_daemon();
     wait_until(Duration::from_secs(60), "shutdown finished", || {
-        state(&host)["deletions"][vm]["progress"]["last"] == "shutdown"
+        host.state_json()["deletions"][vm]["progress"]["last"] == "shutdown"
     });
     assert!(!host.active(&Host::vm_unit(vm)));
-    assert_eq!(stage_done(&host, vm, "shutdown").len(), 1);
-    assert_eq!(stage_done(&host, vm, "announce").len(), 1);
+    assert_eq!(host.stage_done(vm, "shutdown").len(), 1);
+    assert_eq!(host.stage_done(vm, "announce").len(), 1);
     assert!(
         host.journal(vm)
             .iter()
             .any(|e| e["MESSAGE_ID"] == DELETION && e["ACTION"] == "deletion-resume")
     );
     assert_eq!(host.count(vm, UNPLANNED), 0);
-    assert_eq!(state(&host)["deletions"][vm]["stageStarted"], Value::Null);
+    assert_eq!(
+        host.state_json()["deletions"][vm]["stageStarted"],
+        Value::Null
+    );
     // It stays off at the clock's now, and the next stage's timer is there.
     std::thread::sleep(Duration::from_secs(2));
     assert!(!host.active(&Host::vm_unit(vm)));

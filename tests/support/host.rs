@@ -443,3 +443,53 @@ impl Host {
         ok
     }
 }
+
+/// The deletion journal entries' MESSAGE_ID.
+pub const DELETION: &str = "5c8158d104664dda940939c01b257d88";
+
+impl Host {
+    /// The daemon's state file as JSON.
+    pub fn state_json(&self) -> Value {
+        serde_json::from_slice(&std::fs::read(self.dir.join("state/state.json")).unwrap()).unwrap()
+    }
+
+    /// Ids of the images named `name` in the pool's trash.
+    pub fn trash(&self, name: &str) -> Vec<String> {
+        let out = self.h.rbd_ok(&[
+            "trash",
+            "ls",
+            "--all",
+            "--format",
+            "json",
+            &self.h.ceph_pool,
+        ]);
+        serde_json::from_str::<Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"] == name)
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Whether image `name` exists in the pool.
+    pub fn image_exists(&self, name: &str) -> bool {
+        self.h
+            .rbd(&["info", &self.h.image_spec(name)])
+            .status
+            .success()
+    }
+
+    /// Journal entries of the deletion stage `stage` completing.
+    pub fn stage_done(&self, vm: &str, stage: &str) -> Vec<Value> {
+        self.journal(vm)
+            .into_iter()
+            .filter(|e| {
+                e["MESSAGE_ID"] == DELETION
+                    && e["ACTION"] == "deletion-stage"
+                    && e["STAGE"] == stage
+            })
+            .collect()
+    }
+}
