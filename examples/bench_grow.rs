@@ -1,7 +1,13 @@
 //! Benchmark of a live disk grow, run by scripts/bench-grow.sh under harness/run.sh.
 //!
-//! Boots the test guest on an RBD image, then grows the disk N times in each of two ways
-//! and prints the latencies side by side:
+//! Grows a running guest's disk N times in each of three ways and prints the latencies side by
+//! side:
+//! - through the daemon: a real `vmkeeper daemon` (the release binary `VMKEEPER_BIN`, a unit of
+//!   the harness systemd) runs a VM; each grow raises `diskGiB` in its configuration and asks
+//!   it to apply it (`reload` on its API, which answers once the grow is done: QEMU's
+//!   `query-block` reports the new size). Covers reading and validating the configuration,
+//!   planning, the operation task (size check with `query-block`, `block_resize`,
+//!   `query-block`) and the state write;
 //! - in-process: librbd size check (on the blocking pool, over the open cluster
 //!   connection) + QMP `block_resize` + `query-block` until it shows the new size;
 //! - shell: scripts/grow-shell.sh per grow: `rbd info` for the size check + a one-shot
@@ -139,6 +145,8 @@ async fn main() {
     )
     .await;
 
+    let mut daemon = through_daemon(&s, dir.path(), n).await;
+
     println!(
         "live grow latency, {n} grows each (size check + block_resize + query-block confirms)"
     );
@@ -146,6 +154,7 @@ async fn main() {
         "{:<44} {:>9} {:>9} {:>9} {:>9}",
         "method", "median", "p95", "min", "max"
     );
+    report("vmkeeper daemon (config + reload on its API)", &mut daemon);
     report("in-process (librbd + QMP client)", &mut inproc);
     report("shell (rbd info + python3 QMP one-shot)", &mut shell);
     println!("guest saw the final size: vda={} sectors", expected / 512);
@@ -156,6 +165,118 @@ async fn main() {
         .run(move |c| c.ioctx(&pool)?.remove(&img))
         .await
         .expect("remove image");
+}
+
+/// A real daemon runs one VM; each grow is a configuration change applied with `reload`.
+async fn through_daemon(s: &Setup, dir: &Path, n: usize) -> Vec<Duration> {
+    let bin = env("VMKEEPER_BIN");
+    let nsenter: Vec<String> = env("VMKEEPER_NSENTER")
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let vm = format!("bench-grow-d{}", std::process::id() % 10000);
+    let config_path = dir.join("daemon.json");
+    let write = |disk: u64| {
+        let c = serde_json::json!({
+            "stateDir": dir.join("state"),
+            "runtimeDir": dir.join("run"),
+            "ceph": { "conf": s.conf, "pool": s.pool, "clientId": s.client },
+            "qemu": { "accel": s.accel, "stopTimeout": "10s" },
+            "vms": { vm.clone(): {
+                "cores": 1, "memoryMiB": 1024, "diskGiB": disk,
+                "boot": { "kernel": s.kernel, "initrd": s.initrd, "append": "console=ttyS0 quiet" }
+            } }
+        });
+        std::fs::write(&config_path, c.to_string()).expect("write the daemon's configuration");
+    };
+    write(30);
+    let unit = format!("vmkd-bench-grow-{}.service", std::process::id());
+    let run = |args: &[&str]| {
+        let (prog, rest) = nsenter.split_first().expect("VMKEEPER_NSENTER");
+        std::process::Command::new(prog)
+            .args(rest)
+            .arg("--")
+            .args(args)
+            .status()
+            .expect("nsenter")
+    };
+    let cfg = config_path.display().to_string();
+    assert!(
+        run(&[
+            "systemd-run",
+            "--unit",
+            &unit,
+            "--property",
+            "Type=notify",
+            &bin,
+            "daemon",
+            "--config",
+            &cfg,
+        ])
+        .success(),
+        "start the daemon"
+    );
+    let console = dir.join("run/vms").join(&vm).join("console.log");
+    wait_for(&console, "VMSIZE vda=", Duration::from_secs(120)).await;
+    let socket = dir.join("run").join(vmkeeper::api::SOCKET);
+    // The QMP connection comes up right after the boot starts; wait until status says so.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = vmkeeper::api::call(
+            &socket,
+            &vmkeeper::api::Request::Status,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("status");
+        let vmkeeper::api::Response::Ok(v) = st else {
+            panic!("status: {st:?}")
+        };
+        if v["vms"][0]["qmp"] == "connected" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "QMP never connected: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut samples = Vec::with_capacity(n);
+    for i in 1..=n as u64 {
+        let t = Instant::now();
+        write(30 + i);
+        let r = vmkeeper::api::call(
+            &socket,
+            &vmkeeper::api::Request::Reload,
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("reload");
+        samples.push(t.elapsed());
+        // One operation, the grow, and the answer came once it was done.
+        let ok = matches!(&r, vmkeeper::api::Response::Ok(v) if v["operations"] == 1);
+        assert!(ok, "reload did not grow the disk: {r:?}");
+    }
+    let want = (30 + n as u64) * GIB;
+    wait_for(
+        &console,
+        &format!("VMSIZE vda={}", want / 512),
+        Duration::from_secs(10),
+    )
+    .await;
+    run(&["systemctl", "stop", &unit]);
+    run(&["systemctl", "stop", &format!("vmkeeper-vm-{vm}.service")]);
+    let cluster = Cluster::connect(&ClusterOptions::new(&s.conf, &s.client)).expect("connect");
+    let (pool, img) = (s.pool.clone(), vm.clone());
+    let size = cluster
+        .run(move |c| c.ioctx(&pool)?.stat(&img))
+        .await
+        .expect("size")
+        .size;
+    assert_eq!(size, want, "the daemon's VM disk after all grows");
+    let (pool, img) = (s.pool.clone(), vm.clone());
+    cluster
+        .run(move |c| c.ioctx(&pool)?.remove(&img))
+        .await
+        .expect("remove the daemon's image");
+    samples
 }
 
 fn start_qemu(s: &Setup, image: &str, qmp: &Path, console: &Path) -> Child {

@@ -170,3 +170,75 @@ fn a_grow_fails_clearly_while_the_osd_is_down_and_succeeds_after() {
         0
     );
 }
+
+/// Ten VMs stop at once while Ceph is frozen (their QEMUs cannot close their disks): the
+/// daemon keeps answering `status` from memory. Prints the latency of every answer.
+#[test]
+fn status_answers_while_ten_vms_stop_and_ceph_is_frozen() {
+    let names: Vec<String> = (0..10).map(|i| format!("storm-{i}")).collect();
+    let vms: Vec<(&str, serde_json::Value)> =
+        names.iter().map(|n| (n.as_str(), json!({}))).collect();
+    let mut host = Host::new("storm", &vms);
+    host.start_daemon();
+    for vm in &names {
+        host.wait_vmsize(vm, Host::sectors(30), 0, Duration::from_secs(180));
+    }
+    let socket = host.dir.join("run").join(vmkeeper::api::SOCKET);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let osd = StoppedOsd::stop(host.h);
+    for vm in &names {
+        host.config["vms"][vm.as_str()]["online"] = json!(false);
+    }
+    host.reload();
+    let began = Instant::now();
+    let mut samples = vec![];
+    let mut stopped_all = None;
+    // Until every unit is gone and for 20 s more, while QEMUs hang on the frozen OSD.
+    while began.elapsed() < Duration::from_secs(90) {
+        let t = Instant::now();
+        let r = rt
+            .block_on(vmkeeper::api::call(
+                &socket,
+                &vmkeeper::api::Request::Status,
+                Duration::from_secs(10),
+            ))
+            .expect("status answers");
+        samples.push(t.elapsed());
+        let vmkeeper::api::Response::Ok(v) = r else {
+            panic!("status: {r:?}")
+        };
+        let running = v["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["running"] == true)
+            .count();
+        if running == 0 && stopped_all.is_none() {
+            stopped_all = Some(began.elapsed());
+        }
+        if stopped_all.is_some_and(|s| began.elapsed() > s + Duration::from_secs(20)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    osd.resume();
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "status during 10 stops with Ceph frozen: {} answers, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; all stopped after {}",
+        samples.len(),
+        ms(at(0.5)),
+        ms(at(0.99)),
+        ms(samples[samples.len() - 1]),
+        stopped_all.map_or("-".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()))
+    );
+    wait_until(Duration::from_secs(120), "every VM stopped", || {
+        names.iter().all(|vm| !host.active(&Host::vm_unit(vm)))
+    });
+    let alarms: usize = names.iter().map(|vm| host.count(vm, UNPLANNED)).sum();
+    assert_eq!(alarms, 0, "planned stops raise no alarm");
+}

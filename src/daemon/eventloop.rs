@@ -117,6 +117,8 @@ struct Waiter {
     /// `run-due`: once these are done, plan again as of this instant, until nothing more is
     /// due then (at most [`MAX_ROUNDS`] rounds).
     rerun: Option<(DateTime<Utc>, u32)>,
+    /// Answer only once the state is on disk (what the command changed is the state).
+    durable: bool,
 }
 
 /// Rounds of `run-due`: each stage or reboot it starts may make another one due.
@@ -473,7 +475,8 @@ impl Daemon {
                 self.changed();
                 let ops = self.pass(Utc::now());
                 if let Some(reply) = reply {
-                    self.wait_for(ops, serde_json::json!({ "reloaded": true }), reply);
+                    let ok = serde_json::json!({ "reloaded": true, "operations": ops.len() });
+                    self.wait_for_world(ops, ok, reply);
                 }
             }
             Err(e) => {
@@ -1432,7 +1435,18 @@ impl Daemon {
         ok: serde_json::Value,
         reply: oneshot::Sender<Response>,
     ) {
-        self.wait(ops, vec![], ok, reply, None);
+        self.wait(ops, vec![], ok, reply, None, true);
+    }
+
+    /// Replies once every operation in `ops` is done, without waiting for the state write:
+    /// `reload` changes the world, and its answer says the world matches.
+    pub(super) fn wait_for_world(
+        &mut self,
+        ops: Vec<u64>,
+        ok: serde_json::Value,
+        reply: oneshot::Sender<Response>,
+    ) {
+        self.wait(ops, vec![], ok, reply, None, false);
     }
 
     /// `run-due`: replies once nothing more is due at `now` and what was started is done.
@@ -1443,7 +1457,7 @@ impl Daemon {
         ok: serde_json::Value,
         reply: oneshot::Sender<Response>,
     ) {
-        self.wait(ops, vec![], ok, reply, Some((now, 1)));
+        self.wait(ops, vec![], ok, reply, Some((now, 1)), true);
     }
 
     fn wait(
@@ -1453,6 +1467,7 @@ impl Daemon {
         ok: serde_json::Value,
         reply: oneshot::Sender<Response>,
         rerun: Option<(DateTime<Utc>, u32)>,
+        durable: bool,
     ) {
         if ops.is_empty() {
             let response = if errors.is_empty() {
@@ -1460,7 +1475,11 @@ impl Daemon {
             } else {
                 Response::Error(errors.join("; "))
             };
-            self.answer(response, reply);
+            if durable {
+                self.answer(response, reply);
+            } else {
+                let _ = reply.send(response);
+            }
             return;
         }
         self.waiters.push(Waiter {
@@ -1469,6 +1488,7 @@ impl Daemon {
             ok,
             reply,
             rerun,
+            durable,
         });
     }
 
@@ -1519,9 +1539,9 @@ impl Daemon {
             };
             match again {
                 Some((ops, now, round)) => {
-                    self.wait(ops, w.errors, w.ok, w.reply, Some((now, round)));
+                    self.wait(ops, w.errors, w.ok, w.reply, Some((now, round)), w.durable);
                 }
-                None => self.wait(vec![], w.errors, w.ok, w.reply, None),
+                None => self.wait(vec![], w.errors, w.ok, w.reply, None, w.durable),
             }
         }
     }
