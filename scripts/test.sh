@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # test.sh [NEXTEST ARGS...]: install what is needed and run every test: unit, property and
 # integration tests with cargo-nextest inside the harness (real systemd, Ceph, QEMU guest),
-# plus doc tests and `promtool test rules` for the example alert rules. As root on Debian 12. Extra arguments go to `cargo nextest run`, e.g. a
-# filter: `scripts/test.sh --test harness`. With CI=true the nextest profile `ci` is used.
+# plus doc tests and `promtool test rules` for the example alert rules. As root on Debian
+# 12. Extra arguments go to `cargo nextest run`, e.g. a filter: `scripts/test.sh --test
+# harness`. With CI=true the nextest profile `ci` is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
