@@ -74,6 +74,12 @@ let
         extraArgs
         ;
     };
+    metrics = if cfg.metrics.listen == null then null else { inherit (cfg.metrics) listen; };
+    monitoring =
+      if cfg.monitoring.alertmanager.url == null then
+        null
+      else
+        { alertmanager = { inherit (cfg.monitoring.alertmanager) url; }; };
     vms = lib.mapAttrs (_: vmSettings) cfg.vms;
   };
 

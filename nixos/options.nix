@@ -25,6 +25,12 @@ let
   absolutePath = types.strMatching "/.*" // {
     description = "absolute path";
   };
+  listenAddress = types.strMatching "([0-9]{1,3}([.][0-9]{1,3}){3}|[[][0-9a-fA-F:.]+[]]):[0-9]{1,5}" // {
+    description = "address and port (such as \"127.0.0.1:9848\" or \"[::1]:9848\")";
+  };
+  alertmanagerUrl = types.strMatching "http://[^/?#@ ]+(/[^?# ]*)?" // {
+    description = "http:// URL (such as \"http://127.0.0.1:9093\")";
+  };
   weekday = types.enum [
     "mon"
     "tue"
@@ -360,6 +366,30 @@ in
         default = [ ];
         description = "Arguments appended to every QEMU command line.";
       };
+    };
+
+    metrics.listen = mkOption {
+      type = types.nullOr listenAddress;
+      default = null;
+      example = "127.0.0.1:9848";
+      description = ''
+        Address and port of the Prometheus metrics listener (`/metrics`, OpenMetrics or
+        Prometheus text); off when null. An address, not a host name; `[::1]:9848` for IPv6.
+        The metrics carry VM names: listen on loopback or an internal network, and open the
+        firewall for it yourself. A change takes effect when the daemon restarts.
+      '';
+    };
+
+    monitoring.alertmanager.url = mkOption {
+      type = types.nullOr alertmanagerUrl;
+      default = null;
+      example = "http://127.0.0.1:9093";
+      description = ''
+        Alertmanager (API v2, plain HTTP) that gets the monitoring downtimes as silences:
+        every alert labelled `vm="<name>"` is silenced from a VM's deletion date until its name
+        is released, and for each announced maintenance slot. An unreachable Alertmanager is
+        retried with backoff and never delays a stage or a reboot.
+      '';
     };
 
     vms = mkOption {

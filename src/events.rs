@@ -36,11 +36,13 @@ pub enum Event {
     StateNotWritable,
     /// The state file is written again.
     StateWritable,
+    /// A monitoring downtime got its Alertmanager silence, or the silence is over.
+    Downtime,
 }
 
 impl Event {
     /// Every kind, for the catalog test.
-    pub const ALL: [Event; 14] = [
+    pub const ALL: [Event; 15] = [
         Event::VmStarted,
         Event::VmStopped,
         Event::VmAdopted,
@@ -55,6 +57,7 @@ impl Event {
         Event::Audit,
         Event::StateNotWritable,
         Event::StateWritable,
+        Event::Downtime,
     ];
 
     /// The journal MESSAGE_ID.
@@ -74,6 +77,7 @@ impl Event {
             Event::Audit => "21690075974949ab8ad5f5b8fd76af2b",
             Event::StateNotWritable => "00c0fa4fe374403b85658b6f6e74a216",
             Event::StateWritable => "fbe00cd92f3d462b9f4f58432b54e1aa",
+            Event::Downtime => "c9445f43bd444b8490bff3841ffa2499",
         }
     }
 
@@ -94,6 +98,7 @@ impl Event {
             Event::Audit => "audit",
             Event::StateNotWritable => "state-not-writable",
             Event::StateWritable => "state-writable",
+            Event::Downtime => "downtime",
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod exec;
 pub mod failpoint;
 pub mod localtime;
 pub mod maintenance;
+pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod render;

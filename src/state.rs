@@ -49,6 +49,10 @@ pub struct State {
     /// The id the next notification gets.
     #[serde(default)]
     pub next_notice: u64,
+    /// Alertmanager silences created for monitoring downtimes, with their ids, so that a
+    /// restart neither creates one twice nor forgets one it must remove.
+    #[serde(default)]
+    pub silences: Vec<SilenceRecord>,
 }
 
 impl Default for State {
@@ -62,6 +66,7 @@ impl Default for State {
             boot_id: None,
             outbox: Vec::new(),
             next_notice: 1,
+            silences: Vec::new(),
         }
     }
 }
@@ -124,6 +129,16 @@ pub enum UnplannedKind {
 }
 
 impl UnplannedKind {
+    /// Every kind, in a fixed order (metrics show each, also at zero).
+    pub const ALL: [UnplannedKind; 6] = [
+        UnplannedKind::GuestReset,
+        UnplannedKind::GuestPoweroff,
+        UnplannedKind::QemuExited,
+        UnplannedKind::UnitStopped,
+        UnplannedKind::UnitRestarted,
+        UnplannedKind::HostRebooted,
+    ];
+
     /// The kind's name in the journal (`ACTION=`) and the hook's JSON.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -234,6 +249,42 @@ pub struct Deletion {
     /// Monitoring downtime recorded at the announcement: from T on, the VM is expected down.
     #[serde(default)]
     pub downtime_from: Option<DateTime<Utc>>,
+}
+
+/// Why a VM's alerts are silenced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SilencePurpose {
+    /// The VM is being deleted: from T until its name is released.
+    Deletion,
+    /// An announced maintenance slot, for its duration.
+    Maintenance,
+}
+
+impl SilencePurpose {
+    /// The name in `status`, the journal and the silence's comment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SilencePurpose::Deletion => "deletion",
+            SilencePurpose::Maintenance => "maintenance",
+        }
+    }
+}
+
+/// A silence vmkeeper created in Alertmanager.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SilenceRecord {
+    /// The VM whose alerts it silences (matcher `vm="<name>"`).
+    pub vm: VmName,
+    /// Why.
+    pub purpose: SilencePurpose,
+    /// Alertmanager's silence id.
+    pub id: String,
+    /// From.
+    pub starts_at: DateTime<Utc>,
+    /// Until.
+    pub ends_at: DateTime<Utc>,
 }
 
 /// Who asked for something vmkeeper does.

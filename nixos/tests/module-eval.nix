@@ -304,6 +304,42 @@ let
       refused = "option `services.vmkeeper.vms.web01.diskGiB' is not of type `integer of at least 30'";
     }
     {
+      name = "metrics listener and Alertmanager are off unless set";
+      check = config: !(config.services.vmkeeper.finalSettings ? metrics) && !(config.services.vmkeeper.finalSettings ? monitoring);
+    }
+    {
+      name = "metrics listener and Alertmanager URL become their JSON keys";
+      modules = [
+        example
+        {
+          services.vmkeeper.metrics.listen = "127.0.0.1:9848";
+          services.vmkeeper.monitoring.alertmanager.url = "http://alertmanager.internal:9093";
+        }
+      ];
+      check =
+        config:
+        config.services.vmkeeper.finalSettings.metrics == { listen = "127.0.0.1:9848"; }
+        && config.services.vmkeeper.finalSettings.monitoring == {
+          alertmanager.url = "http://alertmanager.internal:9093";
+        };
+    }
+    {
+      name = "a metrics listener needs an address, not a host name";
+      modules = [
+        example
+        { services.vmkeeper.metrics.listen = "localhost:9848"; }
+      ];
+      refused = "option `services.vmkeeper.metrics.listen' is not of type `null or address and port";
+    }
+    {
+      name = "an https Alertmanager URL is refused";
+      modules = [
+        example
+        { services.vmkeeper.monitoring.alertmanager.url = "https://am:9093"; }
+      ];
+      refused = "option `services.vmkeeper.monitoring.alertmanager.url' is not of type `null or http:// URL";
+    }
+    {
       name = "settings add keys the options lack";
       modules = [
         example

@@ -32,6 +32,9 @@ pub fn status(v: &serde_json::Value) -> String {
         if vm["inMaintenance"].as_bool() == Some(true) {
             notes.push("IN MAINTENANCE".into());
         }
+        if vm["monitoringDowntime"].as_bool() == Some(true) {
+            notes.push("monitoring downtime".into());
+        }
         for r in vm["refusals"].as_array().into_iter().flatten() {
             notes.push(format!("refused: {}", r.as_str().unwrap_or("")));
         }
@@ -78,6 +81,14 @@ pub fn status(v: &serde_json::Value) -> String {
         s.push_str(&format!(
             "\nnotification hook failing: {e}; {} notification(s) waiting\n",
             host["undeliveredNotifications"]
+        ));
+    }
+    let am = &host["alertmanager"];
+    if am["reachable"] == false {
+        s.push_str(&format!(
+            "\nAlertmanager unreachable: {}; {} silence(s) waiting (stages and reboots go on)\n",
+            am["error"].as_str().unwrap_or("?"),
+            am["silencesPending"]
         ));
     }
     s

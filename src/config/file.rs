@@ -23,6 +23,8 @@ pub struct RawConfig {
     pub runtime_dir: Option<Value>,
     pub ceph: Option<Value>,
     pub qemu: Option<Value>,
+    pub metrics: Option<Value>,
+    pub monitoring: Option<Value>,
     pub vms: Option<BTreeMap<String, Value>>,
     #[serde(flatten)]
     pub unknown: Unknown,
@@ -39,6 +41,8 @@ pub const CONFIG_KEYS: &[&str] = &[
     "runtimeDir",
     "ceph",
     "qemu",
+    "metrics",
+    "monitoring",
     "vms",
 ];
 
@@ -121,6 +125,33 @@ pub const QEMU_KEYS: &[&str] = &[
     "extraArgs",
     "maxConcurrentStarts",
 ];
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawMetrics {
+    pub listen: Option<String>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+pub const METRICS_KEYS: &[&str] = &["listen"];
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawMonitoring {
+    pub alertmanager: Option<RawAlertmanager>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+pub const MONITORING_KEYS: &[&str] = &["alertmanager"];
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawAlertmanager {
+    pub url: Option<String>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+pub const ALERTMANAGER_KEYS: &[&str] = &["url"];
 
 #[derive(Debug, Default, Deserialize)]
 pub struct RawVm {

@@ -6,6 +6,7 @@ mod validate;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use chrono::TimeDelta;
@@ -38,8 +39,33 @@ pub struct Config {
     pub ceph: CephConfig,
     /// How VMs are run.
     pub qemu: QemuConfig,
+    /// Where the Prometheus metrics are served; off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The Alertmanager that gets the monitoring downtimes as silences, if any.
+    pub alertmanager: Option<AlertmanagerConfig>,
     /// Declared VMs.
     pub vms: BTreeMap<VmName, VmSpec>,
+}
+
+impl Config {
+    /// The project a VM belongs to, for the `project` label of metrics. Projects do not
+    /// exist yet: every VM is in the default project. This is the one place that says so.
+    pub fn project_of(&self, _vm: &VmName) -> &str {
+        "default"
+    }
+}
+
+/// Where Alertmanager's API v2 is: `http://host[:port][/prefix]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertmanagerConfig {
+    /// The URL as configured, without a trailing `/`.
+    pub url: String,
+    /// Host name or address to connect to (IPv6 without brackets).
+    pub host: String,
+    /// TCP port (80 when the URL names none).
+    pub port: u16,
+    /// Path prefix before `/api/v2` (empty, or e.g. `/alertmanager`), without a trailing `/`.
+    pub path: String,
 }
 
 /// Ceph connection and pool.

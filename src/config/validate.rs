@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::file::*;
-use super::{Accel, CephConfig, Checked, Config, Problem, QemuConfig};
+use super::{Accel, AlertmanagerConfig, CephConfig, Checked, Config, Problem, QemuConfig};
 use crate::localtime::{format_duration, parse_date, parse_duration, parse_hhmm};
 use crate::maintenance::{Blackout, Policy, WeekdaySet, WindowRule};
 use crate::model::{BaseImage, DirectBoot, Network, Resources, VmName, VmSpec};
@@ -200,6 +200,8 @@ pub fn parse(text: &str) -> Result<Checked, Vec<Problem>> {
     let runtime_dir = v.abs_path("runtimeDir", &runtime_dir);
     let ceph = ceph(&mut v, raw.ceph);
     let qemu = qemu(&mut v, raw.qemu);
+    let metrics_listen = metrics(&mut v, raw.metrics);
+    let alertmanager = monitoring(&mut v, raw.monitoring);
 
     let mut vms = BTreeMap::new();
     let mut addresses = BTreeMap::new();
@@ -235,6 +237,8 @@ pub fn parse(text: &str) -> Result<Checked, Vec<Problem>> {
         runtime_dir,
         ceph,
         qemu,
+        metrics_listen,
+        alertmanager,
         vms,
     };
     Ok(Checked {
@@ -488,6 +492,91 @@ fn qemu(v: &mut Validator, raw: Option<Value>) -> QemuConfig {
             usize::try_from(n.clamp(1, 1000)).unwrap_or(1)
         },
     }
+}
+
+fn metrics(v: &mut Validator, raw: Option<Value>) -> Option<std::net::SocketAddr> {
+    let raw: RawMetrics = v.section("metrics", raw).unwrap_or_default();
+    v.unknown("metrics", &raw.unknown, METRICS_KEYS);
+    let listen = raw.listen?;
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.port() == 0 => {
+            v.err(
+                "metrics.listen",
+                format!("{listen:?} needs a port other than 0"),
+            );
+            None
+        }
+        Ok(a) => Some(a),
+        Err(_) => {
+            v.err(
+                "metrics.listen",
+                format!(
+                    "{listen:?} is not an address and port such as \"127.0.0.1:9848\" or \"[::1]:9848\" (host names are not resolved)"
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn monitoring(v: &mut Validator, raw: Option<Value>) -> Option<AlertmanagerConfig> {
+    let raw: RawMonitoring = v.section("monitoring", raw).unwrap_or_default();
+    v.unknown("monitoring", &raw.unknown, MONITORING_KEYS);
+    let am = raw.alertmanager?;
+    v.unknown("monitoring.alertmanager", &am.unknown, ALERTMANAGER_KEYS);
+    let Some(url) = am.url else {
+        v.err(
+            "monitoring.alertmanager.url",
+            "is required (e.g. \"http://127.0.0.1:9093\")",
+        );
+        return None;
+    };
+    match alertmanager_url(&url) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            v.err("monitoring.alertmanager.url", format!("{url:?} {e}"));
+            None
+        }
+    }
+}
+
+/// `http://host[:port][/prefix]`. Only plain HTTP: vmkeeper has no TLS client (an
+/// Alertmanager behind TLS is reached through a local proxy or its plain listener).
+fn alertmanager_url(url: &str) -> Result<AlertmanagerConfig, String> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|_| "is not a URL such as \"http://127.0.0.1:9093\"".to_owned())?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(
+                "uses https, which vmkeeper does not speak: give Alertmanager's plain http \
+                 listener (or a local proxy)"
+                    .into(),
+            );
+        }
+        _ => return Err("must start with http://".into()),
+    }
+    let authority = uri.authority().ok_or("names no host")?;
+    if authority.as_str().contains('@') {
+        return Err("must not carry credentials".into());
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    if host.is_empty() {
+        return Err("names no host".into());
+    }
+    if uri.query().is_some() {
+        return Err("must not have a query".into());
+    }
+    Ok(AlertmanagerConfig {
+        url: url.trim_end_matches('/').to_owned(),
+        host: host.to_owned(),
+        port: authority.port_u16().unwrap_or(80),
+        path: uri.path().trim_end_matches('/').to_owned(),
+    })
 }
 
 /// What a VM claims that must be unique across VMs, collected even when the VM is invalid.

@@ -239,6 +239,7 @@ impl Daemon {
         if stage == Stage::ReleaseName {
             self.state.deletions.remove(vm);
             self.vms.remove(vm);
+            self.counters.remove(vm);
             self.retired.insert(vm.clone());
         }
         self.changed();

@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 
 use super::notifier::Outbox;
 use super::ops::{self, Ctx, Job, QemuStart, QemuStop, QmpConn};
+use super::silences::SilencePlan;
 use super::timers::TimerPlan;
 use super::{Event, failed, journal, link, persist, resync, timers};
 use crate::api::Response;
@@ -20,6 +21,7 @@ use crate::config::Config;
 use crate::events::Event as Journal;
 use crate::exec::qmp::QmpEvent;
 use crate::exec::systemd::{self, PropertyValue, StopPolicy, TransientService};
+use crate::metrics::{Histograms, VmCounters};
 use crate::model::{GIB, InvocationId, Resources, VmName, VmSpec};
 use crate::plan::{self, Action, Observed, ObservedVm, Plan};
 use crate::render::{self, VmPaths};
@@ -185,6 +187,15 @@ pub(super) struct Daemon {
     timers_sent: u64,
     timers_synced: u64,
     timer_argv: Vec<String>,
+    silences_tx: watch::Sender<SilencePlan>,
+    /// `createdBy` of this daemon's silences.
+    pub silence_creator: String,
+    /// Since when, and why, Alertmanager cannot be reached (for `status` and the metrics).
+    pub alertmanager_error: Option<(DateTime<Utc>, String)>,
+    /// Counts per VM since the daemon started, for the metrics.
+    pub counters: BTreeMap<VmName, VmCounters>,
+    /// Pass and grow durations, for the metrics.
+    pub histograms: Histograms,
 }
 
 /// The channels the loop talks to its tasks through, made by startup.
@@ -195,6 +206,7 @@ pub(super) struct Channels {
     pub outbox_tx: watch::Sender<Outbox>,
     pub timers_tx: watch::Sender<TimerPlan>,
     pub resync_tx: mpsc::UnboundedSender<resync::Request>,
+    pub silences_tx: watch::Sender<SilencePlan>,
 }
 
 impl Daemon {
@@ -243,6 +255,16 @@ impl Daemon {
                 "--config".into(),
                 config_abs.display().to_string(),
             ],
+            silences_tx: ch.silences_tx,
+            silence_creator: format!(
+                "vmkeeper on {}",
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "?".into())
+            ),
+            alertmanager_error: None,
+            counters: BTreeMap::new(),
+            histograms: Histograms::default(),
         }
     }
 
@@ -316,6 +338,14 @@ impl Daemon {
             if sent {
                 self.timers_sent = self.durability.generation;
             }
+            let silences = self.silence_plan();
+            self.silences_tx.send_if_modified(|p| {
+                let modified = *p != silences;
+                if modified {
+                    *p = silences;
+                }
+                modified
+            });
         }
     }
 
@@ -419,6 +449,8 @@ impl Daemon {
                 caller,
                 reply,
             } => self.api(request, &caller, reply),
+            Event::Metrics { reply } => self.scrape(reply),
+            Event::Silences(report) => self.silences_report(report),
             Event::TimersSynced { generation } => {
                 self.timers_synced = self.timers_synced.max(generation);
                 self.unpark(now);
@@ -467,6 +499,13 @@ impl Daemon {
                 info!("configuration reloaded: {} VM(s)", c.config.vms.len());
                 for w in &c.warnings {
                     warn!("configuration: {w}");
+                }
+                if c.config.metrics_listen != self.config.metrics_listen {
+                    // The listener is bound once, at start (where a taken port fails loudly).
+                    warn!(
+                        "configuration: metrics.listen changed; the metrics listener keeps its \
+                         address until the daemon restarts"
+                    );
                 }
                 self.config = Arc::new(c.config);
                 for slot in self.vms.values_mut() {
@@ -711,6 +750,7 @@ impl Daemon {
             instance = instance.as_ref().map_or("", InvocationId::as_str),
             "ALARM: unplanned {kind} of VM {vm}: {detail}"
         );
+        self.count_unplanned(vm, kind);
         if let Some(r) = self.state.vms.get_mut(vm) {
             r.last_unplanned = Some(Unplanned {
                 at: now,
@@ -748,6 +788,13 @@ impl Daemon {
     /// One pass: plan for `now` and carry out what the plan says for every VM that is not
     /// busy. Returns the operations it began (for callers that wait for them).
     pub(super) fn pass(&mut self, now: DateTime<Utc>) -> Vec<u64> {
+        let began = Instant::now();
+        let ops = self.pass_at(now);
+        self.observe_pass(began.elapsed());
+        ops
+    }
+
+    fn pass_at(&mut self, now: DateTime<Utc>) -> Vec<u64> {
         let observed = self.observed();
         let plan = plan::plan(&self.config, &observed, &self.state, now);
         self.report(&plan);
@@ -1200,6 +1247,7 @@ impl Daemon {
             slot.sup.begin(w.id, w.kind, now, Duration::ZERO);
             let retry = slot.sup.finish(w.id, now, Err(error.clone()), None);
             failed(&vm, w.kind.as_str(), &error, retry);
+            self.count_failure(&vm, w.kind);
             self.op_finished(w.id, Some(&error));
         }
     }
@@ -1251,6 +1299,7 @@ impl Daemon {
                             journal(Journal::ChangeRefused, vm, "refuse", &e, &e);
                         } else {
                             failed(vm, op.kind.as_str(), &e, retry);
+                            self.count_failure(vm, op.kind);
                         }
                         if let Some((kind, instance, detail)) = self.slot(vm).pending_alarm.take() {
                             self.alarm(vm, kind, instance, &detail);
@@ -1298,6 +1347,9 @@ impl Daemon {
             ),
         );
         if kind == OpKind::Reboot {
+            if let Some(Intent::Reboot { kind, .. }) = &intent {
+                self.count_planned_reboot(vm, kind);
+            }
             self.reboot_completed(vm, intent.as_ref(), Utc::now());
         }
     }
@@ -1338,6 +1390,7 @@ impl Daemon {
             },
             _ => kind.as_str().to_owned(),
         };
+        self.count_planned_stop(vm, kind);
         if matches!(kind, OpKind::Stop) {
             self.state.intents.remove(vm);
         }
@@ -1365,6 +1418,7 @@ impl Daemon {
                     r.applied.disk_gib = to;
                 }
                 self.changed();
+                self.observe_grow(began.elapsed());
                 let ms = began.elapsed().as_secs_f64() * 1000.0;
                 journal(
                     Journal::DiskGrown,

@@ -27,6 +27,22 @@ pub fn describe_reason(r: &Reason) -> String {
 }
 
 impl Daemon {
+    /// Whether `vm` is in maintenance at `now`: its maintenance reboot runs, or its slot has
+    /// begun and not ended.
+    pub(super) fn in_maintenance(&self, vm: &VmName, now: DateTime<Utc>) -> bool {
+        matches!(
+            self.state.intents.get(vm),
+            Some(Intent::Reboot {
+                kind: RebootKind::Maintenance { .. },
+                ..
+            })
+        ) || self
+            .state
+            .maintenances
+            .get(vm)
+            .is_some_and(|m| m.slot_start <= now && now < m.slot_end)
+    }
+
     /// Records a maintenance slot and announces it (or its move or update).
     pub(super) fn schedule_maintenance(
         &mut self,

@@ -7,7 +7,8 @@
 //! op reports ──────┤                       ├─► persist (state.json, newest generation)
 //! API requests ────┼─► Event ─► eventloop ─┼─► notifier (the hook, in order, with retries)
 //! resync results ──┤     (routes, plans,   ├─► timers (maintenance and deletion timers)
-//! SIGHUP, ticks ───┘      never awaits)    └─► resync (ListUnitsByPatterns on every tick)
+//! scrapes ─────────┤      never awaits)    ├─► silences (Alertmanager, with retries)
+//! SIGHUP, ticks ───┘                       └─► resync (ListUnitsByPatterns on every tick)
 //! ```
 //!
 //! The loop only routes events, asks the pure core (`supervisor`, `plan`) what they mean and
@@ -16,18 +17,23 @@
 
 mod api;
 mod deletion;
+mod downtime;
 mod eventloop;
 mod link;
 mod maintenance;
+mod metrics;
 mod notifier;
 mod ops;
 mod persist;
 pub mod resync;
+mod scrape;
+pub mod silences;
 mod startup;
 mod status;
 mod timers;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Result;
 use tokio::sync::oneshot;
@@ -116,6 +122,13 @@ pub enum Event {
         /// Why.
         error: String,
     },
+    /// A scrape of the metrics listener asks for what the loop knows.
+    Metrics {
+        /// Where the snapshot goes.
+        reply: oneshot::Sender<Arc<crate::metrics::Snapshot>>,
+    },
+    /// The silences task did something, or could not.
+    Silences(silences::Report),
     /// systemd's timers match the plan of this state generation.
     TimersSynced {
         /// The generation.

@@ -14,8 +14,9 @@ use tracing::{error, warn};
 use super::eventloop::{Channels, Daemon};
 use super::notifier::Outbox;
 use super::ops::{Ceph, Ctx, Job, QemuStart};
+use super::silences::SilencePlan;
 use super::timers::TimerPlan;
-use super::{Event, journal, notifier, persist, resync, timers};
+use super::{Event, journal, notifier, persist, resync, scrape, silences, timers};
 use crate::api::{self, Response};
 use crate::config::{self, Config};
 use crate::events::Event as Journal;
@@ -50,6 +51,16 @@ pub async fn start(config_path: &Path, test_clock: bool) -> Result<Daemon> {
     timers::spawn(systemd.clone(), timers_rx, tx.clone());
     let (resync_tx, resync_rx) = mpsc::unbounded_channel();
     resync::spawn(systemd.clone(), resync_rx, tx.clone());
+    let (silences_tx, silences_rx) = watch::channel(SilencePlan::default());
+    silences::spawn(silences_rx, tx.clone());
+    // Bound before anything else is done, so a taken port fails the start at once.
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(
+            scrape::bind(addr)
+                .with_context(|| format!("cannot listen for metrics on {addr} (metrics.listen)"))?,
+        ),
+        None => None,
+    };
 
     let ctx = Arc::new(Ctx {
         systemd: systemd.clone(),
@@ -64,6 +75,7 @@ pub async fn start(config_path: &Path, test_clock: bool) -> Result<Daemon> {
         outbox_tx,
         timers_tx,
         resync_tx,
+        silences_tx,
     };
     let mut d = Daemon::new(
         config_path.to_owned(),
@@ -78,6 +90,12 @@ pub async fn start(config_path: &Path, test_clock: bool) -> Result<Daemon> {
     save_now(&mut d).await?;
     d.resume_stages();
     spawn_api(&d)?;
+    if let Some(listener) = metrics {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!("metrics on http://{addr}/metrics");
+        }
+        scrape::spawn(listener, d.tx.clone());
+    }
     spawn_signals(d.tx.clone())?;
     notify_ready();
     Ok(d)
@@ -120,6 +138,7 @@ impl Daemon {
         let now = Utc::now();
         let detail = "the host rebooted outside a planned maintenance";
         for (vm, instance) in &alarms {
+            self.count_unplanned(vm, UnplannedKind::HostRebooted);
             if let Some(r) = self.state.vms.get_mut(vm) {
                 r.last_unplanned = Some(Unplanned {
                     at: now,
@@ -223,11 +242,15 @@ impl Daemon {
             }
             (Fate::Completed, Some(i @ Intent::Reboot { .. })) => {
                 let Intent::Reboot {
-                    resources, argv, ..
+                    resources,
+                    argv,
+                    kind,
+                    ..
                 } = &i
                 else {
                     return;
                 };
+                self.count_planned_reboot(vm, kind);
                 self.state.intents.remove(vm);
                 self.record_started(vm, *resources, argv.clone(), instance);
                 journal(

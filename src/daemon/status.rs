@@ -12,7 +12,7 @@ use crate::localtime::rfc3339;
 use crate::maintenance::Slot;
 use crate::model::{InvocationId, Resources, VmName};
 use crate::plan::slot_in;
-use crate::state::{Intent, RebootKind, Unplanned};
+use crate::state::{SilencePurpose, Unplanned};
 use crate::supervisor::{Link, Unit};
 
 /// `vmkeeper status --json`.
@@ -38,6 +38,32 @@ pub struct HostStatus {
     pub undelivered_notifications: usize,
     /// Why the hook failed last, while it does.
     pub hook_error: Option<String>,
+    /// The Alertmanager that gets the downtimes as silences, when one is configured.
+    pub alertmanager: Option<AlertmanagerStatus>,
+}
+
+/// The Alertmanager as the daemon sees it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertmanagerStatus {
+    /// Its URL.
+    pub url: String,
+    /// Whether the last attempt to sync the silences worked.
+    pub reachable: bool,
+    /// Why not, and since when.
+    pub error: Option<String>,
+    /// Downtimes it has no silence for yet (they are made once it answers).
+    pub silences_pending: usize,
+}
+
+/// A silence the daemon made for a VM.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SilenceStatus {
+    purpose: SilencePurpose,
+    id: String,
+    starts_at: String,
+    ends_at: String,
 }
 
 /// One VM.
@@ -67,6 +93,10 @@ pub struct VmStatus {
     deletion_date: Option<NaiveDate>,
     /// Monitoring downtime recorded by a deletion's announcement: from T on.
     downtime_from: Option<String>,
+    /// Alerts about the VM are expected now (in maintenance, or deleted from T on).
+    monitoring_downtime: bool,
+    /// Its Alertmanager silences.
+    silences: Vec<SilenceStatus>,
 }
 
 impl Daemon {
@@ -138,14 +168,7 @@ impl Daemon {
                         .and_then(|p| p.pending.iter().find(|p| p.vm == n))
                         .map(|p| p.to),
                     maintenance_slot: maintenance.map(|m| slot_in(tz, m.slot_start, m.slot_end)),
-                    in_maintenance: matches!(
-                        self.state.intents.get(&n),
-                        Some(Intent::Reboot {
-                            kind: RebootKind::Maintenance { .. },
-                            ..
-                        })
-                    ) || maintenance
-                        .is_some_and(|m| m.slot_start <= now && now < m.slot_end),
+                    in_maintenance: self.in_maintenance(&n, now),
                     refusals: plan
                         .map(|p| {
                             p.refusals
@@ -161,6 +184,19 @@ impl Daemon {
                     downtime_from: deletion
                         .and_then(|d| d.downtime_from)
                         .map(|t| rfc3339(t.with_timezone(&tz))),
+                    monitoring_downtime: self.downtime(&n, now),
+                    silences: self
+                        .state
+                        .silences
+                        .iter()
+                        .filter(|s| s.vm == n)
+                        .map(|s| SilenceStatus {
+                            purpose: s.purpose,
+                            id: s.id.clone(),
+                            starts_at: rfc3339(s.starts_at.with_timezone(&tz)),
+                            ends_at: rfc3339(s.ends_at.with_timezone(&tz)),
+                        })
+                        .collect(),
                     name: n,
                 }
             })
@@ -175,6 +211,18 @@ impl Daemon {
                 }),
                 undelivered_notifications: self.state.outbox.len(),
                 hook_error: self.delivery_error.as_ref().map(|(_, e)| e.clone()),
+                alertmanager: self
+                    .config
+                    .alertmanager
+                    .as_ref()
+                    .map(|am| AlertmanagerStatus {
+                        url: am.url.clone(),
+                        reachable: self.alertmanager_error.is_none(),
+                        error: self.alertmanager_error.as_ref().map(|(since, e)| {
+                            format!("{e} (since {})", rfc3339(since.with_timezone(&tz)))
+                        }),
+                        silences_pending: self.silences_pending(),
+                    }),
             },
             vms,
         }

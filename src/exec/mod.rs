@@ -1,5 +1,7 @@
-//! Edges: the only code that talks to QEMU, Ceph, systemd and the notification hook.
+//! Edges: the only code that talks to QEMU, Ceph, systemd, Alertmanager and the notification
+//! hook.
 
+pub mod alertmanager;
 pub mod notify;
 pub mod qmp;
 pub mod rbd;

@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod host;
+pub mod monitoring;
 
 use std::fmt::Write as _;
 use std::io::{self, Write as _};

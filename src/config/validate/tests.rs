@@ -259,6 +259,79 @@ fn type_errors_and_malformed_json_name_their_place() {
 }
 
 #[test]
+fn metrics_and_alertmanager_are_off_by_default_and_checked_when_given() {
+    let c = parse("{}").unwrap().config;
+    assert_eq!(c.metrics_listen, None);
+    assert_eq!(c.alertmanager, None);
+    let c = parse(
+        &json!({
+            "metrics": { "listen": "[::1]:9848" },
+            "monitoring": { "alertmanager": { "url": "http://am.example.net:9093/alertmanager/" } }
+        })
+        .to_string(),
+    )
+    .unwrap()
+    .config;
+    assert_eq!(c.metrics_listen, Some("[::1]:9848".parse().unwrap()));
+    let am = c.alertmanager.unwrap();
+    assert_eq!(
+        (am.url.as_str(), am.host.as_str(), am.port, am.path.as_str()),
+        (
+            "http://am.example.net:9093/alertmanager",
+            "am.example.net",
+            9093,
+            "/alertmanager"
+        )
+    );
+    let am =
+        parse(&json!({ "monitoring": { "alertmanager": { "url": "http://[::1]" } } }).to_string())
+            .unwrap()
+            .config
+            .alertmanager
+            .unwrap();
+    assert_eq!(
+        (am.host.as_str(), am.port, am.path.as_str()),
+        ("::1", 80, "")
+    );
+
+    assert_eq!(
+        problems(json!({
+            "metrics": { "listen": "localhost:9848", "port": 1 },
+            "monitoring": { "alertmanager": { "url": "https://am:9093" }, "prometheus": {} }
+        })),
+        [
+            "metrics.port: unknown key (known keys: listen)",
+            "metrics.listen: \"localhost:9848\" is not an address and port such as \"127.0.0.1:9848\" or \"[::1]:9848\" (host names are not resolved)",
+            "monitoring.prometheus: unknown key (known keys: alertmanager)",
+            "monitoring.alertmanager.url: \"https://am:9093\" uses https, which vmkeeper does not speak: give Alertmanager's plain http listener (or a local proxy)",
+        ]
+    );
+    assert_eq!(
+        problems(
+            json!({ "metrics": { "listen": "127.0.0.1:0" }, "monitoring": { "alertmanager": {} } })
+        ),
+        [
+            "metrics.listen: \"127.0.0.1:0\" needs a port other than 0",
+            "monitoring.alertmanager.url: is required (e.g. \"http://127.0.0.1:9093\")",
+        ]
+    );
+    for (url, why) in [
+        ("am:9093", "must start with http://"),
+        ("http://user:pw@am:9093", "must not carry credentials"),
+        ("http://am:9093/?x=1", "must not have a query"),
+        (
+            "http:// am",
+            "is not a URL such as \"http://127.0.0.1:9093\"",
+        ),
+    ] {
+        assert_eq!(
+            problems(json!({ "monitoring": { "alertmanager": { "url": url } } })),
+            [format!("monitoring.alertmanager.url: {url:?} {why}")],
+        );
+    }
+}
+
+#[test]
 fn nulls_mean_absent() {
     let c = parse(&json!({ "notifyCommand": null, "vms": { "a": vm(json!({ "deleteAt": null, "image": null })) } }).to_string()).unwrap();
     assert!(c.config.notify_command.is_none());
