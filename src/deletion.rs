@@ -2,14 +2,20 @@
 //!
 //! A deletion for date D has T = local midnight at the start of D. Stages fall on calendar
 //! days in the policy's zone, so across a DST change their gaps are not multiples of 24 h.
+//!
+//! Those dates are the earliest instants a stage may run, never a reason to run several back
+//! to back: a stage that ran late moves the later ones, which keep their spacing from when it
+//! actually ran (purge ≥ 3 days after the real shutdown, backups ≥ 5 days after the real
+//! purge, the name ≥ 30 days after that).
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use chrono::{DateTime, Days, NaiveDate, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
-use crate::localtime::start_of_day;
+use crate::localtime::{Edge, resolve, start_of_day};
 
 /// Days before T on which the deletion is announced.
 pub const ANNOUNCE_DAYS_BEFORE: u64 = 5;
@@ -61,6 +67,31 @@ impl Stage {
     pub fn next(self) -> Option<Stage> {
         Stage::ALL.iter().copied().find(|s| *s > self)
     }
+
+    /// The stage before this one.
+    pub fn previous(self) -> Option<Stage> {
+        Stage::ALL.iter().rev().copied().find(|s| *s < self)
+    }
+
+    /// Days this stage keeps from the one before it actually ran, and whether it is
+    /// destructive (its act cannot be undone, so it never runs on an untrusted clock).
+    fn spacing(self) -> Option<u64> {
+        match self {
+            Stage::Announce | Stage::Shutdown => None,
+            Stage::Purge => Some(PURGE_DAYS_AFTER),
+            Stage::DeleteBackups => Some(BACKUPS_DAYS_AFTER - PURGE_DAYS_AFTER),
+            Stage::ReleaseName => Some(RELEASE_DAYS_AFTER - BACKUPS_DAYS_AFTER),
+        }
+    }
+
+    /// Whether the stage destroys something (disk, backups, the name's record): such stages
+    /// never run on a clock that is not known to be right.
+    pub fn destructive(self) -> bool {
+        matches!(
+            self,
+            Stage::Purge | Stage::DeleteBackups | Stage::ReleaseName
+        )
+    }
 }
 
 impl fmt::Display for Stage {
@@ -69,18 +100,31 @@ impl fmt::Display for Stage {
     }
 }
 
-/// The instants of every stage of a deletion for local date `date`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The instants of every stage of a deletion for local date `date`: the nominal dates, moved
+/// by stages that ran late.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Schedule {
     /// The date D the deletion was requested for.
     pub date: NaiveDate,
     tz: Tz,
+    /// When stages actually completed.
+    done: BTreeMap<Stage, DateTime<Utc>>,
 }
 
 impl Schedule {
-    /// The schedule for a deletion on `date` in zone `tz`.
+    /// The nominal schedule for a deletion on `date` in zone `tz`.
     pub fn new(tz: Tz, date: NaiveDate) -> Schedule {
-        Schedule { date, tz }
+        Schedule {
+            date,
+            tz,
+            done: BTreeMap::new(),
+        }
+    }
+
+    /// The schedule given when stages actually completed.
+    pub fn with_done(mut self, done: &BTreeMap<Stage, DateTime<Utc>>) -> Schedule {
+        self.done = done.clone();
+        self
     }
 
     /// T: local midnight at the start of the date.
@@ -88,8 +132,8 @@ impl Schedule {
         start_of_day(self.tz, self.date)
     }
 
-    /// The local date a stage runs on.
-    pub fn date_of(&self, stage: Stage) -> NaiveDate {
+    /// The nominal local date of a stage (T − 5, T, T + 3, T + 8, T + 38 days).
+    pub fn nominal_date(&self, stage: Stage) -> NaiveDate {
         let d = self.date;
         let shifted = match stage {
             Stage::Announce => d.checked_sub_days(Days::new(ANNOUNCE_DAYS_BEFORE)),
@@ -101,9 +145,35 @@ impl Schedule {
         shifted.unwrap_or(d)
     }
 
-    /// The instant a stage is due: local midnight of its date.
+    /// The earliest instant a stage may run: its nominal local midnight, or later when the
+    /// stage before it ran (or will run) late, keeping the spacing from that real instant.
     pub fn at(&self, stage: Stage) -> DateTime<Tz> {
-        start_of_day(self.tz, self.date_of(stage))
+        let nominal = start_of_day(self.tz, self.nominal_date(stage));
+        let (Some(days), Some(prev)) = (stage.spacing(), stage.previous()) else {
+            return nominal;
+        };
+        let prev_at = match self.done.get(&prev) {
+            Some(t) => t.with_timezone(&self.tz),
+            None => self.at(prev),
+        };
+        let local = prev_at.naive_local();
+        let spaced = local
+            .date()
+            .checked_add_days(Days::new(days))
+            .map_or(prev_at, |d| {
+                resolve(self.tz, d.and_time(local.time()), Edge::Start)
+            });
+        nominal.max(spaced)
+    }
+
+    /// The local date a stage runs on (its earliest instant's date).
+    pub fn date_of(&self, stage: Stage) -> NaiveDate {
+        self.at(stage).date_naive()
+    }
+
+    /// Whether a stage's date moved from its nominal one.
+    pub fn moved(&self, stage: Stage) -> bool {
+        self.at(stage) != start_of_day(self.tz, self.nominal_date(stage))
     }
 }
 
@@ -134,6 +204,16 @@ pub fn check_request(tz: Tz, now: DateTime<Utc>, date: NaiveDate) -> Result<Sche
         });
     }
     Ok(Schedule::new(tz, date))
+}
+
+/// When a deletion's stages completed, from its progress: for a deletion recorded before the
+/// instants were kept, a completed stage counts as done at its nominal date.
+pub fn done_at(schedule: &Schedule, progress: Progress) -> BTreeMap<Stage, DateTime<Utc>> {
+    Stage::ALL
+        .into_iter()
+        .filter(|s| progress.has_done(*s))
+        .map(|s| (s, schedule.at(s).with_timezone(&Utc)))
+        .collect()
 }
 
 /// How far a deletion has got: the last stage that completed.
@@ -190,11 +270,15 @@ impl Progress {
         }
     }
 
-    /// The stages due at `now`, in order.
+    /// The stage due at `now`, if any.
+    ///
+    /// Only the next stage can be due: a later stage's instant depends on when the one before
+    /// it really runs, so a host that was down over several dates runs one stage, and the
+    /// next one keeps its spacing from then.
     pub fn due(self, schedule: &Schedule, now: DateTime<Utc>) -> Vec<Stage> {
-        Stage::ALL
+        self.next_stage()
+            .filter(|s| schedule.at(*s) <= now)
             .into_iter()
-            .filter(|s| !self.has_done(*s) && schedule.at(*s) <= now)
             .collect()
     }
 }
@@ -305,11 +389,32 @@ mod tests {
         let p = Progress::Done {
             last: Stage::Announce,
         };
-        // The host was down from before T until T+4 days: shutdown and purge are both due.
-        assert_eq!(
-            p.due(&s, t("2026-12-14T08:00:00+01:00")),
-            [Stage::Shutdown, Stage::Purge]
+        // The host was down from before T until T+4 days: only the shutdown is due; the purge
+        // then keeps its three days from when the shutdown really ran.
+        let late = t("2026-12-14T08:00:00+01:00");
+        assert_eq!(p.due(&s, late), [Stage::Shutdown]);
+        let p = p.complete(Stage::Shutdown).unwrap();
+        let mut done = done_at(
+            &s,
+            Progress::Done {
+                last: Stage::Announce,
+            },
         );
+        done.insert(Stage::Shutdown, late);
+        let s = s.with_done(&done);
+        assert!(p.due(&s, t("2026-12-16T23:00:00+01:00")).is_empty());
+        assert_eq!(rfc3339(s.at(Stage::Purge)), "2026-12-17T08:00:00+01:00");
+        assert_eq!(p.due(&s, t("2026-12-17T08:00:00+01:00")), [Stage::Purge]);
+        // The later dates move with it.
+        assert_eq!(
+            rfc3339(s.at(Stage::DeleteBackups)),
+            "2026-12-22T08:00:00+01:00"
+        );
+        assert_eq!(
+            rfc3339(s.at(Stage::ReleaseName)),
+            "2027-01-21T08:00:00+01:00"
+        );
+        assert!(s.moved(Stage::Purge) && !s.moved(Stage::Shutdown));
         assert!(p.due(&s, t("2026-12-09T23:59:59+01:00")).is_empty());
         // Announced at once when T is less than five days away.
         assert_eq!(

@@ -35,6 +35,9 @@ pub struct ObservedVm {
 pub struct Observed {
     /// Per VM; a VM missing here is not running.
     pub vms: BTreeMap<VmName, ObservedVm>,
+    /// Why the clock cannot be trusted now (not synchronized, or it just jumped forward):
+    /// destructive deletion stages wait while it is set.
+    pub clock_untrusted: Option<String>,
 }
 
 impl Observed {
@@ -54,7 +57,10 @@ impl Observed {
                 )
             })
             .collect();
-        Observed { vms }
+        Observed {
+            vms,
+            clock_untrusted: None,
+        }
     }
 }
 
@@ -225,6 +231,17 @@ pub struct DeletionTimeline {
     pub cancellable_until: DateTime<Tz>,
 }
 
+/// A destructive deletion stage that is due but waits for a trustworthy clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Held {
+    /// The VM.
+    pub vm: VmName,
+    /// The stage.
+    pub stage: Stage,
+    /// Why the clock is not trusted.
+    pub reason: String,
+}
+
 /// A name held by a deleted VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -256,6 +273,8 @@ pub struct Plan {
     pub reserved_names: Vec<ReservedName>,
     /// Things to say loudly.
     pub warnings: Vec<String>,
+    /// Destructive stages held back by an untrusted clock.
+    pub held: Vec<Held>,
 }
 
 /// Plans one step. Pure: the same inputs give the same plan.
@@ -276,6 +295,7 @@ pub fn plan(config: &Config, observed: &Observed, state: &State, now: DateTime<U
             deletions: vec![],
             reserved_names: vec![],
             warnings: vec![],
+            held: vec![],
         },
         taken: state
             .maintenances
@@ -291,10 +311,10 @@ pub fn plan(config: &Config, observed: &Observed, state: &State, now: DateTime<U
     }
     for (name, d) in &state.deletions {
         if !config.vms.contains_key(name) {
-            p.timeline(name, d.date, &d.source, d.progress);
+            p.timeline(name, d.schedule(tz), &d.source, d.progress);
         }
         if !d.progress.has_done(Stage::ReleaseName) {
-            let free_on = Schedule::new(tz, d.date).date_of(Stage::ReleaseName);
+            let free_on = d.schedule(tz).date_of(Stage::ReleaseName);
             p.plan.reserved_names.push(ReservedName {
                 vm: name.clone(),
                 free_on,
@@ -343,7 +363,12 @@ impl Planner<'_> {
                         date,
                         source: DeletionSource::Config,
                     });
-                    self.timeline(name, date, &DeletionSource::Config, Progress::Scheduled);
+                    self.timeline(
+                        name,
+                        Schedule::new(self.tz, date),
+                        &DeletionSource::Config,
+                        Progress::Scheduled,
+                    );
                 }
                 Err(e) => {
                     self.refuse(name, ".deleteAt", e.to_string());
@@ -364,10 +389,10 @@ impl Planner<'_> {
     /// lifecycle applies.
     fn declared_with_deletion(&mut self, spec: &VmSpec, d: &Deletion) -> bool {
         let name = &spec.name;
-        let schedule = Schedule::new(self.tz, d.date);
+        let schedule = d.schedule(self.tz);
         if d.progress.has_done(Stage::Purge) {
             // The remaining stages run whether or not the name is declared again.
-            self.timeline(name, d.date, &d.source, d.progress);
+            self.timeline(name, d.schedule(self.tz), &d.source, d.progress);
             let free = schedule.date_of(Stage::ReleaseName);
             self.refuse(
                 name,
@@ -409,13 +434,18 @@ impl Planner<'_> {
                         date,
                         source: DeletionSource::Config,
                     });
-                    self.timeline(name, date, &DeletionSource::Config, Progress::Scheduled);
+                    self.timeline(
+                        name,
+                        Schedule::new(self.tz, date),
+                        &DeletionSource::Config,
+                        Progress::Scheduled,
+                    );
                     return !d.progress.has_done(Stage::Shutdown);
                 }
                 Err(e) => self.refuse(name, ".deleteAt", e),
             }
         }
-        self.timeline(name, d.date, &d.source, d.progress);
+        self.timeline(name, d.schedule(self.tz), &d.source, d.progress);
         // After the shutdown the VM stays off until the deletion is cancelled.
         !d.progress.has_done(Stage::Shutdown) && schedule.t() > self.now
     }
@@ -432,7 +462,7 @@ impl Planner<'_> {
                 .filter(|ip| d.ip_addresses.contains(ip))
                 .collect();
             for ip in held {
-                let purge = Schedule::new(self.tz, d.date).date_of(Stage::Purge);
+                let purge = d.schedule(self.tz).date_of(Stage::Purge);
                 self.refuse(
                     &spec.name,
                     ".ipAddresses",
@@ -656,18 +686,34 @@ impl Planner<'_> {
             date,
             source: DeletionSource::Removed,
         });
-        self.timeline(name, date, &DeletionSource::Removed, Progress::Scheduled);
+        self.timeline(
+            name,
+            Schedule::new(self.tz, date),
+            &DeletionSource::Removed,
+            Progress::Scheduled,
+        );
     }
 
     fn timeline(
         &mut self,
         name: &VmName,
-        date: NaiveDate,
+        schedule: Schedule,
         source: &DeletionSource,
         progress: Progress,
     ) {
-        let schedule = Schedule::new(self.tz, date);
-        let due = progress.due(&schedule, self.now);
+        let date = schedule.date;
+        let mut due = progress.due(&schedule, self.now);
+        if let Some(why) = &self.observed.clock_untrusted {
+            // A destructive stage waits for a clock that can be trusted.
+            for stage in due.iter().filter(|s| s.destructive()) {
+                self.plan.held.push(Held {
+                    vm: name.clone(),
+                    stage: *stage,
+                    reason: why.clone(),
+                });
+            }
+            due.retain(|s| !s.destructive());
+        }
         let stages = Stage::ALL
             .into_iter()
             .map(|stage| StageAt {

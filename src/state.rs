@@ -249,6 +249,28 @@ pub struct Deletion {
     /// Monitoring downtime recorded at the announcement: from T on, the VM is expected down.
     #[serde(default)]
     pub downtime_from: Option<DateTime<Utc>>,
+    /// When each completed stage really ran: later stages keep their spacing from these.
+    #[serde(default)]
+    pub done_at: BTreeMap<Stage, DateTime<Utc>>,
+    /// The id of the image the purge moved to the trash: the only image delete-backups
+    /// deletes.
+    #[serde(default)]
+    pub trashed_image: Option<String>,
+    /// The T − 5 announcement waiting for the hook to take it: the stage counts as done once
+    /// it has.
+    #[serde(default)]
+    pub announcement: Option<u64>,
+}
+
+impl Deletion {
+    /// The deletion's schedule: its nominal dates, moved by stages that ran late.
+    pub fn schedule(&self, tz: chrono_tz::Tz) -> crate::deletion::Schedule {
+        let nominal = crate::deletion::Schedule::new(tz, self.date);
+        // Stages recorded as done before their instants were kept ran on their dates.
+        let mut done = crate::deletion::done_at(&nominal, self.progress);
+        done.extend(self.done_at.iter().map(|(s, t)| (*s, *t)));
+        nominal.with_done(&done)
+    }
 }
 
 /// Why a VM's alerts are silenced.

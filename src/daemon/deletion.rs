@@ -42,6 +42,9 @@ impl Daemon {
                 stage_started: None,
                 ip_addresses,
                 downtime_from: None,
+                done_at: Default::default(),
+                trashed_image: None,
+                announcement: None,
             },
         );
         self.changed();
@@ -251,7 +254,7 @@ impl Daemon {
         let tz = self.config.timezone;
         let mut event = self.hook_event(Journal::Deletion, vm, action, reason, true, now);
         if let Some(d) = self.state.deletions.get(vm) {
-            let mut v = timeline_json(vm, &Schedule::new(tz, d.date));
+            let mut v = timeline_json(vm, &d.schedule(tz));
             v["downtimeFrom"] = d.downtime_from.map_or(serde_json::Value::Null, |t| {
                 rfc3339(t.with_timezone(&tz)).into()
             });
@@ -333,7 +336,7 @@ impl Daemon {
             }
             DeletionSource::Cli { .. } => {}
         }
-        let schedule = Schedule::new(self.config.timezone, d.date);
+        let schedule = d.schedule(self.config.timezone);
         if let Err(e) = deletion::can_cancel(&schedule, d.progress, now) {
             return Response::Error(format!("too late to cancel: {e}"));
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::eventloop::Daemon;
-use crate::deletion::{Progress, Schedule, Stage};
+use crate::deletion::{Progress, Stage};
 use crate::metrics::{DeletionMetrics, HostMetrics, Snapshot, VmCounters, VmMetrics};
 use crate::model::VmName;
 use crate::state::{Intent, RebootKind, StopReason, UnplannedKind};
@@ -129,7 +129,7 @@ impl Daemon {
                         .map(|m| (m.slot_start.timestamp(), m.slot_end.timestamp())),
                     in_maintenance: self.in_maintenance(&vm, now),
                     deletion: deletion.map(|d| {
-                        let schedule = Schedule::new(tz, d.date);
+                        let schedule = d.schedule(tz);
                         DeletionMetrics {
                             stage: match d.progress {
                                 Progress::Scheduled => "scheduled",

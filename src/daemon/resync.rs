@@ -165,7 +165,10 @@ impl Report {
                 (r.vm.clone(), seen)
             })
             .collect();
-        crate::plan::Observed { vms }
+        crate::plan::Observed {
+            vms,
+            clock_untrusted: None,
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::Event;
 use crate::config::AlertmanagerConfig;
-use crate::deletion::{Schedule, Stage};
+use crate::deletion::Stage;
 use crate::exec::alertmanager::{
     Alertmanager, AlertmanagerError, Matcher, NewSilence, Silence, SilenceState,
 };
@@ -104,7 +104,7 @@ pub fn wanted(state: &State, tz: Tz) -> Vec<Wanted> {
         let Some(from) = d.downtime_from else {
             continue;
         };
-        let schedule = Schedule::new(tz, d.date);
+        let schedule = d.schedule(tz);
         let until = schedule.at(Stage::ReleaseName).with_timezone(&Utc);
         let by = match &d.source {
             DeletionSource::Config => "deleteAt in the configuration".to_owned(),
@@ -609,6 +609,9 @@ mod tests {
             stage_started: None,
             ip_addresses: vec![],
             downtime_from: None,
+            done_at: Default::default(),
+            trashed_image: None,
+            announcement: None,
         };
         s.deletions.insert(vm("a"), d.clone());
         // Not announced yet: no downtime, no silence.

@@ -10,7 +10,7 @@ use chrono_tz::Tz;
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
-use crate::deletion::{Schedule, Stage};
+use crate::deletion::Stage;
 use crate::events::Event;
 use crate::exec::systemd::{self, Systemd, TimerTrigger, TransientTimer};
 use crate::model::VmName;
@@ -71,7 +71,7 @@ pub fn desired(state: &State, tz: Tz, now: DateTime<Utc>) -> BTreeMap<String, Wa
         }
     }
     for (vm, d) in &state.deletions {
-        let schedule = Schedule::new(tz, d.date);
+        let schedule = d.schedule(tz);
         for stage in Stage::ALL {
             let at = schedule.at(stage).with_timezone(&Utc);
             if !d.progress.has_done(stage) && at > now {

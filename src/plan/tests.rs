@@ -5,6 +5,7 @@ use serde_json::json;
 
 use super::*;
 use crate::localtime::parse_instant;
+use crate::localtime::rfc3339;
 use crate::state::{Maintenance, VmRecord};
 
 fn config(vms: serde_json::Value) -> Config {
@@ -339,6 +340,9 @@ fn deletion(s: &mut State, name: &str, date: &str, source: DeletionSource, last:
             stage_started: None,
             ip_addresses: vec!["192.0.2.10".parse().unwrap()],
             downtime_from: None,
+            done_at: Default::default(),
+            trashed_image: None,
+            announcement: None,
         },
     );
 }
@@ -465,7 +469,7 @@ fn addresses_of_a_vm_in_deletion_are_held_until_its_purge() {
 }
 
 #[test]
-fn stages_missed_while_down_run_in_order_and_the_vm_stays_off() {
+fn a_late_shutdown_does_not_bring_the_purge_forward() {
     let mut s = State::default();
     running(&mut s, "web01", res(2, 2048, 30));
     deletion(
@@ -478,25 +482,52 @@ fn stages_missed_while_down_run_in_order_and_the_vm_stays_off() {
     let c = config(
         json!({ "web01": { "cores": 2, "memoryMiB": 2048, "diskGiB": 30, "deleteAt": "2026-12-01" } }),
     );
+    // The host was down over T and T + 3: only the shutdown runs.
+    let late = t("2026-12-05T08:00:00+01:00");
+    let p = plan(&c, &Observed::as_recorded(&s), &s, late);
+    assert_eq!(
+        p.actions,
+        [Action::RunDeletionStage {
+            vm: n("web01"),
+            stage: Stage::Shutdown
+        }]
+    );
+    // Recorded as done then: the purge, and the cancel deadline, are three days later.
+    let d = s.deletions.get_mut(&n("web01")).unwrap();
+    d.progress = Progress::Done {
+        last: Stage::Shutdown,
+    };
+    d.done_at.insert(Stage::Shutdown, late);
+    s.vms.get_mut(&n("web01")).unwrap().running = false;
     let p = plan(
         &c,
         &Observed::as_recorded(&s),
         &s,
-        t("2026-12-05T08:00:00+01:00"),
+        t("2026-12-08T07:59:00+01:00"),
     );
+    assert_eq!(p.actions, []);
+    let timeline = &p.deletions[0];
+    assert_eq!(
+        rfc3339(timeline.cancellable_until),
+        "2026-12-08T08:00:00+01:00"
+    );
+    assert_eq!(rfc3339(timeline.stages[2].at), "2026-12-08T08:00:00+01:00");
+    assert_eq!(rfc3339(timeline.stages[3].at), "2026-12-13T08:00:00+01:00");
+    let due = t("2026-12-08T08:00:00+01:00");
+    let p = plan(&c, &Observed::as_recorded(&s), &s, due);
     assert_eq!(
         p.actions,
-        [
-            Action::RunDeletionStage {
-                vm: n("web01"),
-                stage: Stage::Shutdown
-            },
-            Action::RunDeletionStage {
-                vm: n("web01"),
-                stage: Stage::Purge
-            },
-        ]
+        [Action::RunDeletionStage {
+            vm: n("web01"),
+            stage: Stage::Purge
+        }]
     );
+    // Not on a clock that is not known to be right: held, and said so.
+    let mut seen = Observed::as_recorded(&s);
+    seen.clock_untrusted = Some("the clock is not synchronized".into());
+    let p = plan(&c, &seen, &s, due);
+    assert_eq!(p.actions, []);
+    assert_eq!(p.held[0].stage, Stage::Purge);
 }
 
 #[test]
