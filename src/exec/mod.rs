@@ -1,6 +1,7 @@
 //! Edges: the only code that talks to QEMU, Ceph, systemd and the notification hook.
 
 pub mod notify;
+pub mod peer;
 pub mod qmp;
 pub mod rbd;
 pub mod systemd;
