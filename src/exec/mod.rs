@@ -2,6 +2,7 @@
 
 pub mod notify;
 pub mod peer;
+pub mod tap;
 pub mod qmp;
 pub mod rbd;
 pub mod systemd;
