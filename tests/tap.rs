@@ -36,7 +36,16 @@ fn a_tap_is_made_for_its_owner_on_the_bridge_and_removed() {
     private_network();
     ip(&["link", "add", "vmkbr0", "type", "bridge"]);
     ip(&["link", "set", "vmkbr0", "up"]);
-    ip(&["link", "add", "notabridge0", "type", "veth", "peer", "name", "notabridge1"]);
+    ip(&[
+        "link",
+        "add",
+        "notabridge0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "notabridge1",
+    ]);
 
     tap::create("vmk-test0", "vmkbr0", 65534, 65533).unwrap();
     let d = details("vmk-test0");

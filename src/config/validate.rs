@@ -785,8 +785,7 @@ fn weekday(s: &str) -> Option<Weekday> {
 /// A Linux interface name that is also safe inside a QEMU option string.
 pub(crate) fn is_interface_name(s: &str) -> bool {
     (1..=15).contains(&s.len())
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && s != "."
         && s != ".."
@@ -795,8 +794,7 @@ pub(crate) fn is_interface_name(s: &str) -> bool {
 fn is_ceph_id(s: &str) -> bool {
     !s.is_empty()
         && !s.starts_with("client.")
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 

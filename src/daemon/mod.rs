@@ -23,6 +23,7 @@ mod notifier;
 mod ops;
 mod persist;
 pub mod resync;
+mod sandbox;
 mod startup;
 mod status;
 mod timers;

@@ -2,7 +2,7 @@
 
 pub mod notify;
 pub mod peer;
-pub mod tap;
 pub mod qmp;
 pub mod rbd;
 pub mod systemd;
+pub mod tap;

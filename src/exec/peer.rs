@@ -59,7 +59,10 @@ pub fn peer_cred<F: AsFd>(fd: &F) -> Result<PeerCred, PeerError> {
 
 /// The name of user `uid`, when the password database has one.
 pub fn user_name(uid: u32) -> Option<String> {
-    User::from_uid(Uid::from_raw(uid)).ok().flatten().map(|u| u.name)
+    User::from_uid(Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
 }
 
 /// The id of group `name`, when the group database has it.
@@ -106,7 +109,10 @@ impl GetSockOpt for PeerGroups {
             match Errno::result(rc) {
                 Ok(_) => {
                     groups.truncate(n);
-                    return Ok(groups.into_iter().map(|g| Gid::from_raw(g).as_raw()).collect());
+                    return Ok(groups
+                        .into_iter()
+                        .map(|g| Gid::from_raw(g).as_raw())
+                        .collect());
                 }
                 Err(Errno::ERANGE) if n > groups.len() && n <= MAX_GROUPS => {
                     groups.resize(n, 0);

@@ -64,10 +64,12 @@ pub fn create(name: &str, bridge: &str, uid: u32, gid: u32) -> Result<(), TapErr
         return Err(TapError::NoBridge(bridge.to_owned()));
     }
     remove(name)?;
-    let fail = |what| move |source| TapError::Ioctl {
-        what,
-        tap: name.to_owned(),
-        source,
+    let fail = |what| {
+        move |source| TapError::Ioctl {
+            what,
+            tap: name.to_owned(),
+            source,
+        }
     };
     let id = |n: u32, what| c_int::try_from(n).map_err(|_| fail(what)(Errno::EINVAL));
     let (uid, gid) = (id(uid, "TUNSETOWNER")?, id(gid, "TUNSETGROUP")?);
@@ -131,7 +133,8 @@ fn attach(name: &str) -> Result<OwnedFd, TapError> {
         .into();
     let mut req = ifreq(name)?;
     // The flags QEMU asks for when it opens the tap (no multiqueue, which would have to match).
-    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    req.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
     // SAFETY: `req` is a valid ifreq naming the tap, alive for the call.
     unsafe { tun_set_iff(tun.as_raw_fd(), &req) }.map_err(|source| TapError::Ioctl {
         what: "TUNSETIFF",
