@@ -11,8 +11,7 @@
 #   Ceph     One mon and one memstore OSD on 127.0.0.1 with cephx, pool `rbd` initialised.
 #   QEMU     VM units run QEMU as the system user vmkeeper-qemu (made here once per machine
 #            when missing), with a Ceph client of its own (client.vmkeeper-qemu, `profile rbd`
-#            on the pool) whose bare key is DIR/ceph/qemu.key (root only: systemd hands each
-#            unit a copy). Inside the private manager's namespaces /dev/net/tun and /dev/kvm
+#            on the pool) whose bare key is DIR/ceph/qemu.key (0400, QEMU's user's). Inside the private manager's namespaces /dev/net/tun and /dev/kvm
 #            are nodes of our own, 0660 root:vmkeeper-qemu, as a host's udev would make them
 #            usable; the host's nodes are not touched.
 #   guest    The tiny test guest (harness/make-guest.sh, cached) and the QEMU accelerator
@@ -339,9 +338,11 @@ done
 [ -e "$CEPH/run/osd-registered" ] || die "the mon did not register osd.0 (see $CEPH/log)"
 ceph-osd -c "$CONF" -i 0 2>> "$DERR" || die "ceph-osd failed: $(cat "$DERR")"
 wait "$HELPER" || die "pool setup failed (see $CEPH/log)"
-# Its bare key, as `-object secret` reads it: root only; each VM unit gets a private copy.
+# Its bare key, as `-object secret` reads it: readable by QEMU's user only.
 (umask 077 && ceph --conf "$CONF" --id admin auth get-key client.vmkeeper-qemu -o "$CEPH/qemu.key" 2> /dev/null) \
   || die "cannot read the key of client.vmkeeper-qemu"
+chown "$QEMU_USER:$QEMU_GID" "$CEPH/qemu.key"
+chmod 0400 "$CEPH/qemu.key"
 say "ceph up (mon on 127.0.0.1:$PORT)"
 
 # ------------------------------------------------------------------------ accelerator

@@ -181,10 +181,10 @@ in
       "L+ /usr/local/lib/systemd/catalog/vmkeeper.catalog - - - - ${cfg.package}/${catalog}"
     ]
     # QEMU's Ceph key: its directory exists, and the key (put there by the operator, never
-    # through the store) stays root-only; systemd gives each VM unit a private copy.
+    # through the store) is readable by QEMU's user only.
     ++ lib.optionals (cfg.ceph.qemuKeyFile != null) [
       "d ${dirOf cfg.ceph.qemuKeyFile} 0755 root root -"
-      "z ${cfg.ceph.qemuKeyFile} 0400 root root -"
+      "z ${cfg.ceph.qemuKeyFile} 0400 ${cfg.qemu.user} ${cfg.qemu.user} -"
     ];
 
     systemd.services.vmkeeper = {

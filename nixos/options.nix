@@ -335,9 +335,9 @@ in
         default = "/etc/ceph/ceph.client.vmkeeper-qemu.key";
         description = ''
           File holding only the bare base64 key of `qemuClientId`
-          (`ceph auth get-key client.vmkeeper-qemu -o FILE`). The module keeps it root-only
-          (0400); systemd hands each VM unit a private copy that only QEMU's user can read.
-          Never put the key into the Nix store. Null: QEMU's librados finds a keyring through
+          (`ceph auth get-key client.vmkeeper-qemu -o FILE`). The module keeps it readable by
+          QEMU's user only (0400); QEMU reads it as a secret object. Never put the key into the
+          Nix store. Null: QEMU's librados finds a keyring through
           `conf` itself, which QEMU's user must then be able to read.
         '';
       };

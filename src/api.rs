@@ -21,9 +21,13 @@ const MAX_REQUEST: u64 = 64 * 1024;
 /// The longest response a client reads (a status of thousands of VMs fits easily).
 const MAX_RESPONSE: u64 = 256 * 1024 * 1024;
 
-/// Connections served at once; more are refused at once (not queued), so idle or slow
-/// clients cannot take the API away from others.
+/// Connections served at once (root's not counted); more are refused at once (not queued),
+/// so idle or slow clients cannot take the API away from others.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// Connections one user may have served at once, so that one user cannot fill
+/// [`MAX_CONNECTIONS`] and lock everybody else out.
+pub const MAX_PER_USER: usize = 8;
 
 /// How long a client may take to send its request.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -159,6 +163,12 @@ pub enum ApiError {
     /// The kernel did not say who the peer is.
     #[error("cannot identify the caller")]
     Peer(#[source] peer::PeerError),
+    /// Reading the request failed.
+    #[error("cannot read the request")]
+    Read(#[source] std::io::Error),
+    /// The request has no end within the limit.
+    #[error("the request is longer than {0} bytes")]
+    TooLong(u64),
     /// The peer sent something that is not a request or response.
     #[error("malformed message")]
     Malformed(#[source] serde_json::Error),
@@ -189,10 +199,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     })
 }
 
-/// Serves the API on `listener`: each connection in a task of its own, at most
-/// [`MAX_CONNECTIONS`] at once, each bounded in time; `answer` turns a request into its
-/// response. Never returns; `accept` errors (such as running out of file descriptors) are
-/// waited out with a growing pause instead of spinning.
+/// Serves the API on `listener`: each connection in a task of its own, bounded in time; at
+/// most [`MAX_PER_USER`] at once per user and [`MAX_CONNECTIONS`] in all (root's have a pool
+/// of their own, so root is never locked out); more are refused at once, not queued. `answer`
+/// turns a request into its response. Never returns; `accept` errors (such as running out of
+/// file descriptors) are waited out with a growing pause instead of spinning.
 pub fn serve<F, Fut>(listener: UnixListener, authorized_group: String, answer: F)
 where
     F: Fn(Request, Caller) -> Fut + Send + Sync + 'static,
@@ -200,7 +211,7 @@ where
 {
     let answer = Arc::new(answer);
     let group: Arc<str> = authorized_group.into();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let slots = Slots::default();
     tokio::spawn(async move {
         let mut pause = Duration::from_millis(10);
         loop {
@@ -215,7 +226,11 @@ where
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let slot = match peer::peer_cred(&stream) {
+                Ok(cred) => slots.take(cred.uid),
+                Err(_) => None,
+            };
+            let Some(slot) = slot else {
                 // Refused, not queued: a best-effort answer that never blocks.
                 let _ =
                     stream.try_write(b"{\"error\":\"the daemon is busy: too many connections\"}\n");
@@ -224,24 +239,97 @@ where
             let (answer, group) = (answer.clone(), group.clone());
             tokio::spawn(async move {
                 let _slot = slot;
-                let resp =
-                    match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream, &group))
-                        .await
-                    {
-                        Ok(Ok((req, caller))) => {
-                            match tokio::time::timeout(ANSWER_TIMEOUT, answer(req, caller)).await {
-                                Ok(r) => r,
-                                Err(_) => Response::Error("no answer in time".into()),
-                            }
+                let resp = match tokio::time::timeout(
+                    READ_TIMEOUT,
+                    read_request(&mut stream, &group),
+                )
+                .await
+                {
+                    Ok(Ok((req, caller))) => {
+                        match tokio::time::timeout(ANSWER_TIMEOUT, answer(req, caller)).await {
+                            Ok(r) => r,
+                            Err(_) => Response::Error("no answer in time".into()),
                         }
-                        Ok(Err(e)) => Response::Error(format!("bad request: {e}")),
-                        Err(_) => Response::Error(format!("no request within {READ_TIMEOUT:?}")),
-                    };
+                    }
+                    Ok(Err(e)) => Response::Error(format!("bad request: {}", chain(&e))),
+                    Err(_) => Response::Error(format!(
+                        "bad request: no complete request (one JSON line) within {READ_TIMEOUT:?}"
+                    )),
+                };
                 let _ =
                     tokio::time::timeout(WRITE_TIMEOUT, write_response(&mut stream, &resp)).await;
             });
         }
     });
+}
+
+/// Connections being served: per user, and in all (root's counted apart).
+#[derive(Debug, Clone, Default)]
+struct Slots(Arc<std::sync::Mutex<SlotCounts>>);
+
+#[derive(Debug, Default)]
+struct SlotCounts {
+    per_user: std::collections::HashMap<u32, usize>,
+    shared: usize,
+}
+
+/// A connection's place among [`Slots`], given back when dropped.
+#[derive(Debug)]
+struct Slot {
+    slots: Slots,
+    uid: u32,
+}
+
+impl Slots {
+    fn take(&self, uid: u32) -> Option<Slot> {
+        let mut c = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mine = c.per_user.get(&uid).copied().unwrap_or(0);
+        if mine >= MAX_PER_USER || (uid != 0 && c.shared >= MAX_CONNECTIONS) {
+            return None;
+        }
+        *c.per_user.entry(uid).or_default() += 1;
+        if uid != 0 {
+            c.shared += 1;
+        }
+        Some(Slot {
+            slots: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self
+            .slots
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = c.per_user.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_user.remove(&self.uid);
+            }
+        }
+        if self.uid != 0 {
+            c.shared -= 1;
+        }
+    }
+}
+
+/// An error with its causes, for a message that says what exactly was wrong.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// Reads one request from an accepted connection, with the caller's identity.
@@ -255,10 +343,16 @@ pub async fn read_request(
     let caller = tokio::task::spawn_blocking(move || identify(&cred, &group))
         .await
         .map_err(|e| ApiError::Io(std::io::Error::other(e)))?;
-    let mut line = String::new();
+    let mut line = Vec::new();
     let mut reader = BufReader::new((&mut *stream).take(MAX_REQUEST));
-    reader.read_line(&mut line).await.map_err(ApiError::Io)?;
-    let req = serde_json::from_str(&line).map_err(ApiError::Malformed)?;
+    reader
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(ApiError::Read)?;
+    if !line.ends_with(b"\n") && line.len() as u64 >= MAX_REQUEST {
+        return Err(ApiError::TooLong(MAX_REQUEST));
+    }
+    let req = serde_json::from_slice(&line).map_err(ApiError::Malformed)?;
     Ok((req, caller))
 }
 

@@ -16,9 +16,6 @@ pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,re
 /// The id of the secret object holding QEMU's Ceph key.
 const CEPH_SECRET: &str = "ceph-key";
 
-/// The credential name under which systemd hands a VM unit QEMU's Ceph key.
-pub const CEPH_KEY_CREDENTIAL: &str = "ceph-key";
-
 /// Where a VM's runtime files live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmPaths {
@@ -30,8 +27,6 @@ pub struct VmPaths {
     pub console_log: PathBuf,
     /// Second serial port as a socket, for an operator's interactive console.
     pub serial_socket: PathBuf,
-    /// Where QEMU reads its Ceph key: the VM unit's private copy (systemd's credentials).
-    pub ceph_key: PathBuf,
 }
 
 impl VmPaths {
@@ -42,9 +37,6 @@ impl VmPaths {
             qmp: dir.join("qmp.sock"),
             console_log: dir.join("console.log"),
             serial_socket: dir.join("serial.sock"),
-            ceph_key: Path::new("/run/credentials")
-                .join(crate::exec::systemd::vm_unit_name(vm.as_str()))
-                .join(CEPH_KEY_CREDENTIAL),
             dir,
         }
     }
@@ -104,12 +96,13 @@ pub fn qemu_argv(
         "-m".into(),
         format!("{}M", resources.memory_mib),
     ];
-    if ceph.qemu_key_file.is_some() {
+    if let Some(key) = &ceph.qemu_key_file {
+        // The key reaches librados through QEMU's secret object, never the command line.
         argv.extend([
             "-object".into(),
             format!(
                 "secret,id={CEPH_SECRET},file={},format=base64",
-                paths.ceph_key.display()
+                key.display()
             ),
         ]);
     }
@@ -190,7 +183,7 @@ mod tests {
         for part in [
             "-accel tcg -cpu max -smp 1 -m 1024M",
             "-nodefaults -no-user-config -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny ",
-            "-object secret,id=ceph-key,file=/run/credentials/vmkeeper-vm-web01.service/ceph-key,format=base64 -blockdev",
+            "-object secret,id=ceph-key,file=/etc/ceph/vmkeeper-qemu.key,format=base64 -blockdev",
             r#"-blockdev {"cache":{"direct":false},"conf":"/etc/ceph/ceph.conf","discard":"unmap","driver":"rbd","image":"web01","key-secret":"ceph-key","node-name":"root0","pool":"rbd","user":"vmkeeper-qemu"}"#,
             "-device virtio-blk-pci,drive=root0,id=disk0,bootindex=1",
             "-qmp unix:/run/vmk/vms/web01/qmp.sock,server=on,wait=off",

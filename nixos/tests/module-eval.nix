@@ -220,12 +220,12 @@ let
         && config.services.vmkeeper.finalSettings.qemu.user == "vmqemu";
     }
     {
-      name = "QEMU's Ceph key file has its directory and stays root-only";
+      name = "QEMU's Ceph key file has its directory and is readable by QEMU's user only";
       check =
         config:
         lib.drop 2 config.systemd.tmpfiles.rules == [
           "d /etc/ceph 0755 root root -"
-          "z /etc/ceph/ceph.client.vmkeeper-qemu.key 0400 root root -"
+          "z /etc/ceph/ceph.client.vmkeeper-qemu.key 0400 vmkeeper-qemu vmkeeper-qemu -"
         ];
     }
     {

@@ -194,7 +194,7 @@ in
               "ceph auth get-or-create client.vmkeeper-qemu mon 'profile rbd' osd 'profile rbd pool=rbd'",
               "ceph auth get-key client.vmkeeper-qemu -o /etc/ceph/ceph.client.vmkeeper-qemu.key",
               "systemd-tmpfiles --create",
-              "test $(stat -c %a:%U /etc/ceph/ceph.client.vmkeeper-qemu.key) = 400:root",
+              "test $(stat -c %a:%U /etc/ceph/ceph.client.vmkeeper-qemu.key) = 400:vmkeeper-qemu",
           )
 
       with subtest("the module's pieces are in place"):

@@ -55,8 +55,8 @@ pub struct CephConfig {
     pub pool: String,
     /// The Ceph client QEMU connects as (its own, limited to the pool), without `client.`.
     pub qemu_client_id: String,
-    /// A file holding only that client's base64 key (as `ceph auth get-key` writes it); systemd
-    /// hands each VM unit a private copy and QEMU reads it as a secret. `None`: QEMU's librados
+    /// A file holding only that client's base64 key (as `ceph auth get-key` writes it),
+    /// readable by QEMU's user only; QEMU reads it as a secret object. `None`: QEMU's librados
     /// finds a keyring through `conf` itself.
     pub qemu_key_file: Option<PathBuf>,
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{Accel, Config};
 use crate::exec::systemd::PropertyValue;
 use crate::model::VmSpec;
-use crate::render::{self, VmPaths};
+use crate::render::VmPaths;
 
 /// Directories that `PrivateTmp=` replaces with empty private ones.
 const TMP_DIRS: [&str; 2] = ["/tmp", "/var/tmp"];
@@ -45,7 +45,8 @@ pub fn qemu_unit_properties(
         ("UMask".into(), PropertyValue::U32(0o077)),
         // System calls: what a service needs, without privileged ones, resource control, and
         // anything under @debug (ptrace of another VM's QEMU, which runs as the same user).
-        flagged("SystemCallFilter", true, &["@system-service"]),
+        // `seccomp` itself, so that QEMU can install its own filter (-sandbox) on top.
+        flagged("SystemCallFilter", true, &["@system-service", "seccomp"]),
         flagged("SystemCallFilter", false, &["@privileged", "@resources"]),
         strs("SystemCallArchitectures", &["native"]),
         (
@@ -127,23 +128,13 @@ pub fn qemu_unit_properties(
     if !read.is_empty() {
         props.push(("BindReadOnlyPaths".into(), PropertyValue::Binds(read)));
     }
-    if let Some(key) = &config.ceph.qemu_key_file {
-        // systemd copies the key into the unit's own credentials directory, readable by the
-        // unit's user only; QEMU reads that copy (`-object secret,file=...`).
-        props.push((
-            "LoadCredential".into(),
-            PropertyValue::Pairs(vec![(
-                render::CEPH_KEY_CREDENTIAL.into(),
-                key.display().to_string(),
-            )]),
-        ));
-    }
     props
 }
 
 /// The files QEMU reads at start besides its own directory.
 fn read_files(config: &Config, spec: &VmSpec) -> Vec<PathBuf> {
     let mut files = vec![config.ceph.conf.clone()];
+    files.extend(config.ceph.qemu_key_file.clone());
     if let Some(boot) = &spec.boot {
         files.push(boot.kernel.clone());
         files.extend(boot.initrd.clone());
@@ -203,26 +194,18 @@ mod tests {
             MS_REC
         )));
         assert!(get(&p, "BindReadOnlyPaths").is_empty());
-        assert_eq!(
-            get(&p, "LoadCredential"),
-            [&PropertyValue::Pairs(vec![(
-                "ceph-key".into(),
-                "/etc/ceph/q.key".into()
-            )])]
-        );
     }
 
     #[test]
     fn tcg_keeps_writable_code_and_files_under_tmp_are_bound_in() {
         let p = props(
             r#"{ "qemu": { "accel": "tcg" }, "runtimeDir": "/tmp/h/run",
-                 "ceph": { "conf": "/tmp/h/ceph.conf" },
+                 "ceph": { "conf": "/tmp/h/ceph.conf", "qemuKeyFile": "/tmp/h/q.key" },
                  "vms": { "web01": { "cores": 1, "memoryMiB": 1024, "diskGiB": 30,
                    "boot": { "kernel": "/boot/k", "initrd": "/tmp/h/i" } } } }"#,
         );
         assert!(get(&p, "MemoryDenyWriteExecute").is_empty());
         assert!(get(&p, "TemporaryFileSystem").is_empty());
-        assert!(get(&p, "LoadCredential").is_empty());
         assert_eq!(
             get(&p, "BindReadOnlyPaths"),
             [&PropertyValue::Binds(vec![
@@ -232,6 +215,7 @@ mod tests {
                     false,
                     0
                 ),
+                ("/tmp/h/q.key".into(), "/tmp/h/q.key".into(), false, 0),
                 ("/tmp/h/i".into(), "/tmp/h/i".into(), false, 0),
             ])]
         );
