@@ -260,7 +260,10 @@ in
         LockPersonality = true;
         MemoryDenyWriteExecute = true;
         SystemCallArchitectures = "native";
-        SystemCallFilter = [ "@system-service" ];
+        SystemCallFilter = [
+          "@system-service"
+          "~@resources"
+        ];
         SystemCallErrorNumber = "EPERM";
       };
     };

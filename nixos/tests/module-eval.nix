@@ -170,7 +170,10 @@ let
         && sc.DevicePolicy == "closed"
         && sc.DeviceAllow == [ "/dev/net/tun rw" ]
         && sc.SystemCallArchitectures == "native"
-        && sc.SystemCallFilter == [ "@system-service" ]
+        && sc.SystemCallFilter == [
+          "@system-service"
+          "~@resources"
+        ]
         && sc.MemoryDenyWriteExecute
         && sc.RestrictSUIDSGID
         && !(lib.elem "CAP_SYS_ADMIN" sc.CapabilityBoundingSet)
