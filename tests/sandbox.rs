@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -202,6 +203,26 @@ fn qemu_runs_unprivileged_sandboxed_and_on_a_tap_the_daemon_made() {
         .output()
         .unwrap();
     assert!(!nobody.status.success(), "another user read the console");
+
+    // What QEMU sees of the runtime directory: its own VM directory, nothing else (no API
+    // socket, no other VM); of /tmp: only the paths bound in for it.
+    let seen = |path: &Path| {
+        let out = host
+            .h
+            .inside("nsenter", ["-t", &pid.to_string(), "-m", "ls", "-A"])
+            .arg(path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    println!("QEMU sees in {}: {:?}", run.display(), seen(&run));
+    println!("QEMU sees in /tmp: {:?}", seen(Path::new("/tmp")));
+    assert_eq!(seen(&run), ["vms"]);
+    assert_eq!(seen(&run.join("vms")), [vm]);
+    assert!(seen(&run.join("vms").join(vm)).contains(&"qmp.sock".to_owned()));
 
     // QEMU's Ceph client is its own, limited to the pool.
     let caps = host.h.ceph(&[

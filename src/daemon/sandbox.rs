@@ -90,7 +90,7 @@ pub fn qemu_unit_properties(
         // TCG writes the code it translates into executable memory; KVM does not.
         props.push(b("MemoryDenyWriteExecute", true));
     }
-    let mut binds = vec![
+    let binds = vec![
         ("/dev/kvm".to_owned(), "/dev/kvm".to_owned(), true, 0),
         (
             "/dev/net/tun".to_owned(),
@@ -100,21 +100,16 @@ pub fn qemu_unit_properties(
         ),
         (dir.clone(), dir, false, MS_REC),
     ];
-    if !under_tmp(&config.runtime_dir) {
-        // The other VMs' directories (QMP sockets, consoles) and the API socket are hidden:
-        // an empty read-only tmpfs over the runtime directory, with the VM's own one bound in.
-        props.push((
-            "TemporaryFileSystem".into(),
-            PropertyValue::Pairs(vec![(
-                config.runtime_dir.display().to_string(),
-                "ro".into(),
-            )]),
-        ));
-    }
+    // The other VMs' directories (QMP sockets, consoles) and the API socket are hidden: an
+    // empty read-only tmpfs over the runtime directory, with the VM's own one bound in.
     props.push((
-        "BindPaths".into(),
-        PropertyValue::Binds(std::mem::take(&mut binds)),
+        "TemporaryFileSystem".into(),
+        PropertyValue::Pairs(vec![(
+            config.runtime_dir.display().to_string(),
+            "ro".into(),
+        )]),
     ));
+    props.push(("BindPaths".into(), PropertyValue::Binds(binds)));
     // Files QEMU reads from a directory that PrivateTmp replaces are bound in read-only
     // (only test setups and hand-run hosts keep them there).
     let read: Vec<(String, String, bool, u64)> = read_files(config, spec)
@@ -205,7 +200,6 @@ mod tests {
                    "boot": { "kernel": "/boot/k", "initrd": "/tmp/h/i" } } } }"#,
         );
         assert!(get(&p, "MemoryDenyWriteExecute").is_empty());
-        assert!(get(&p, "TemporaryFileSystem").is_empty());
         assert_eq!(
             get(&p, "BindReadOnlyPaths"),
             [&PropertyValue::Binds(vec![
