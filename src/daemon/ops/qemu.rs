@@ -4,12 +4,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use nix::unistd::{Gid, Uid, chown};
 use tracing::warn;
 
 use super::{Ctx, LinkRx, Report, Reporter, connection};
 use crate::events::Event;
-use nix::unistd::{Gid, Uid, chown};
-
 use crate::exec::peer;
 use crate::exec::systemd::{ActiveState, JobResult, MainExit, TransientService};
 use crate::exec::tap;
