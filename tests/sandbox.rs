@@ -14,12 +14,15 @@ use serde_json::{Value, json};
 use support::host::*;
 
 /// A bridge in the host's network namespace (which the harness's systemd shares), removed
-/// when dropped.
-struct Bridge(&'static str);
+/// when dropped, with the VM's tap: the test's teardown stops the VM unit behind the
+/// daemon's back, and only the daemon's own stops remove taps.
+struct Bridge(&'static str, &'static str);
 
 impl Bridge {
-    fn new(name: &'static str) -> Bridge {
-        let _ = Command::new("ip").args(["link", "del", name]).status();
+    fn new(name: &'static str, tap: &'static str) -> Bridge {
+        for dev in [name, tap] {
+            let _ = Command::new("ip").args(["link", "del", dev]).output();
+        }
         for args in [
             vec!["link", "add", name, "type", "bridge"],
             vec!["link", "set", name, "up"],
@@ -27,13 +30,15 @@ impl Bridge {
             let ok = Command::new("ip").args(&args).status().unwrap().success();
             assert!(ok, "ip {}", args.join(" "));
         }
-        Bridge(name)
+        Bridge(name, tap)
     }
 }
 
 impl Drop for Bridge {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", self.0]).status();
+        for dev in [self.0, self.1] {
+            let _ = Command::new("ip").args(["link", "del", dev]).output();
+        }
     }
 }
 
@@ -102,7 +107,7 @@ fn daemon_hardening(host: &Host) -> Vec<String> {
 
 #[test]
 fn qemu_runs_unprivileged_sandboxed_and_on_a_tap_the_daemon_made() {
-    let bridge = Bridge::new("vmkbr-sbx");
+    let bridge = Bridge::new("vmkbr-sbx", "vmk-sbx-a");
     let vm = "sbx-a";
     let host = Host::new(
         "sandbox",
