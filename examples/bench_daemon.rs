@@ -69,8 +69,11 @@ fn config_json(dir: &Path, vms: &serde_json::Value) -> serde_json::Value {
         "stateDir": dir.join("state"),
         "runtimeDir": dir.join("run"),
         "ceph": { "conf": env("CEPH_CONF"), "pool": env("VMKEEPER_CEPH_POOL"),
-                  "clientId": env("VMKEEPER_CEPH_CLIENT") },
-        "qemu": { "accel": env("VMKEEPER_QEMU_ACCEL"), "stopTimeout": "20s" },
+                  "clientId": env("VMKEEPER_CEPH_CLIENT"),
+                  "qemuClientId": env("VMKEEPER_CEPH_QEMU_CLIENT"),
+                  "qemuKeyFile": env("VMKEEPER_CEPH_QEMU_KEY") },
+        "qemu": { "accel": env("VMKEEPER_QEMU_ACCEL"), "stopTimeout": "20s",
+                  "user": env("VMKEEPER_QEMU_USER") },
         "vms": vms,
     })
 }

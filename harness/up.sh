@@ -9,6 +9,11 @@
 #            On a host booted with systemd, that one is used instead
 #            (VMKEEPER_HARNESS_SYSTEMD=auto|private|host; see docs/development/testing.md).
 #   Ceph     One mon and one memstore OSD on 127.0.0.1 with cephx, pool `rbd` initialised.
+#   QEMU     VM units run QEMU as the system user vmkeeper-qemu (made here once per machine
+#            when missing), with a Ceph client of its own (client.vmkeeper-qemu, `profile rbd`
+#            on the pool) whose bare key is DIR/ceph/qemu.key (0400, QEMU's user's). Inside the private manager's namespaces /dev/net/tun and /dev/kvm
+#            are nodes of our own, 0660 root:vmkeeper-qemu, as a host's udev would make them
+#            usable; the host's nodes are not touched.
 #   guest    The tiny test guest (harness/make-guest.sh, cached) and the QEMU accelerator
 #            to use: VMKEEPER_QEMU_ACCEL=kvm|tcg, or auto (default): KVM only when a short
 #            probe boot reaches the guest's first VMSIZE line, cached per host boot.
@@ -37,6 +42,15 @@ mkdir -p "$DIR/log"
 # ---------------------------------------------------------------------------- guest
 GUEST=$("$HERE/make-guest.sh")
 say "guest ready in $GUEST"
+
+# ---------------------------------------------------------------------------- QEMU's user
+QEMU_USER=vmkeeper-qemu
+if ! id "$QEMU_USER" > /dev/null 2>&1; then
+  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin --comment "vmkeeper QEMU (harness)" "$QEMU_USER" \
+    || die "cannot create the user $QEMU_USER"
+fi
+QEMU_GID=$(id -g "$QEMU_USER")
 
 # The probe runs in the background while systemd and Ceph come up.
 ACCEL=${VMKEEPER_QEMU_ACCEL:-auto}
@@ -133,6 +147,12 @@ UNIT
     ln -s dbus.service "$UNITS/dbus-org.freedesktop.DBus.service"
 
     # PID 1 of the new pid namespace: set up the private mounts, then become systemd.
+    # The devices QEMU's user opens, as nodes of our own that the namespace binds over the
+    # host's (which are root-only on our machines): 0660 for root and QEMU's group.
+    mkdir -p "$DIR/dev"
+    mknod -m 0660 "$DIR/dev/tun" c 10 200
+    mknod -m 0660 "$DIR/dev/kvm" c 10 232
+    chgrp "$QEMU_GID" "$DIR/dev/tun" "$DIR/dev/kvm"
     : > "$DIR/systemd/console.log"
     cat > "$DIR/systemd/ns-init.sh" << INIT
 #!/bin/sh
@@ -145,6 +165,8 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount --bind "$DIR/run" /run
 # PID 1 writes status to /dev/console: keep it off the host's console
 mount --bind "$DIR/systemd/console.log" /dev/console
+[ ! -e /dev/net/tun ] || mount --bind "$DIR/dev/tun" /dev/net/tun
+[ ! -e /dev/kvm ] || mount --bind "$DIR/dev/kvm" /dev/kvm
 mount -t tmpfs -o mode=2755 tmpfs /var/log/journal 2>/dev/null || true
 export container=vmkeeper-harness
 export SYSTEMD_UNIT_PATH="$UNITS:/run/systemd/transient"
@@ -243,6 +265,11 @@ paxos propose interval = 0.05
 paxos min wait = 0.01
 mon tick interval = 1
 
+[client.vmkeeper-qemu]
+# QEMU's client runs in a private /tmp and cannot reach DIR: no admin socket, no log file
+admin socket =
+log to file = false
+
 [client]
 # many clients at once (rbd CLI, QEMU, vmkeeper): one admin socket per process
 admin socket = $CEPH/run/\$cluster-\$name.\$pid.asok
@@ -297,6 +324,9 @@ while json.loads(mon({"prefix": "osd stat", "format": "json"})).get("num_up_osds
 c.wait_for_latest_osdmap()
 with c.open_ioctx("rbd") as io:
     rbd.RBD().pool_init(io, True)
+# QEMU's own client: the rbd profile on this pool only
+mon({"prefix": "auth get-or-create", "entity": "client.vmkeeper-qemu",
+     "caps": ["mon", "profile rbd", "osd", "profile rbd pool=rbd"]})
 c.shutdown()
 PY
 HELPER=$!
@@ -308,6 +338,11 @@ done
 [ -e "$CEPH/run/osd-registered" ] || die "the mon did not register osd.0 (see $CEPH/log)"
 ceph-osd -c "$CONF" -i 0 2>> "$DERR" || die "ceph-osd failed: $(cat "$DERR")"
 wait "$HELPER" || die "pool setup failed (see $CEPH/log)"
+# Its bare key, as `-object secret` reads it: readable by QEMU's user only.
+(umask 077 && ceph --conf "$CONF" --id admin auth get-key client.vmkeeper-qemu -o "$CEPH/qemu.key" 2> /dev/null) \
+  || die "cannot read the key of client.vmkeeper-qemu"
+chown "$QEMU_USER:$QEMU_GID" "$CEPH/qemu.key"
+chmod 0400 "$CEPH/qemu.key"
 say "ceph up (mon on 127.0.0.1:$PORT)"
 
 # ------------------------------------------------------------------------ accelerator
@@ -335,6 +370,9 @@ VMKEEPER_JOURNAL_DIR=$JOURNAL_DIR
 CEPH_CONF=$CONF
 VMKEEPER_CEPH_POOL=rbd
 VMKEEPER_CEPH_CLIENT=admin
+VMKEEPER_CEPH_QEMU_CLIENT=vmkeeper-qemu
+VMKEEPER_CEPH_QEMU_KEY=$CEPH/qemu.key
+VMKEEPER_QEMU_USER=$QEMU_USER
 VMKEEPER_GUEST_KERNEL=$GUEST/vmlinuz
 VMKEEPER_GUEST_INITRD=$GUEST/initrd.img
 VMKEEPER_QEMU_ACCEL=$ACCEL

@@ -64,7 +64,7 @@ let
         blackouts
         ;
     };
-    ceph = dropNulls { inherit (cfg.ceph) conf clientId keyring pool; };
+    ceph = dropNulls { inherit (cfg.ceph) conf clientId keyring pool qemuClientId qemuKeyFile; };
     qemu = {
       inherit (cfg.qemu)
         binary
@@ -72,6 +72,7 @@ let
         machine
         stopTimeout
         extraArgs
+        user
         ;
     };
     metrics = if cfg.metrics.listen == null then null else { inherit (cfg.metrics) listen; };
@@ -168,12 +169,28 @@ in
 
     users.groups.${cfg.authorizedGroup} = { };
 
+    # QEMU's user: no login, no home, in kvm for /dev/kvm. One for all VMs (see
+    # docs/development/security.md for why not one per VM).
+    users.users.${cfg.qemu.user} = {
+      isSystemUser = true;
+      group = cfg.qemu.user;
+      extraGroups = [ "kvm" ];
+      description = "vmkeeper: QEMU of the VMs";
+    };
+    users.groups.${cfg.qemu.user} = { };
+
     # NixOS' journalctl reads catalogs from systemd's own store path and from
     # /usr/local/lib/systemd/catalog only; the link and --update-catalog (ExecStartPre below)
     # make `journalctl -x` explain vmkeeper's MESSAGE_IDs.
     systemd.tmpfiles.rules = lib.optionals (catalog != null) [
       "d /usr/local/lib/systemd/catalog 0755 root root -"
       "L+ /usr/local/lib/systemd/catalog/vmkeeper.catalog - - - - ${cfg.package}/${catalog}"
+    ]
+    # QEMU's Ceph key: its directory exists, and the key (put there by the operator, never
+    # through the store) is readable by QEMU's user only.
+    ++ lib.optionals (cfg.ceph.qemuKeyFile != null) [
+      "d ${dirOf cfg.ceph.qemuKeyFile} 0755 root root -"
+      "z ${cfg.ceph.qemuKeyFile} 0400 ${cfg.qemu.user} ${cfg.qemu.user} -"
     ];
 
     systemd.services.vmkeeper = {
@@ -209,13 +226,15 @@ in
         UMask = "0022";
 
         # Root, because it creates units through systemd's D-Bus API and reads the Ceph
-        # keyring; everything else is taken away.
+        # keyring; CAP_CHOWN hands the VM directories to QEMU's user, CAP_NET_ADMIN makes the
+        # tap devices; everything else is taken away.
         CapabilityBoundingSet = [
           "CAP_CHOWN"
           "CAP_DAC_OVERRIDE"
           "CAP_DAC_READ_SEARCH"
           "CAP_FOWNER"
           "CAP_KILL"
+          "CAP_NET_ADMIN"
         ];
         NoNewPrivileges = true;
         ProtectSystem = "strict";
@@ -227,7 +246,8 @@ in
         ProtectHome = true;
         PrivateTmp = true;
         DevicePolicy = "closed";
-        DeviceAllow = [ "/dev/kvm rw" ];
+        # /dev/net/tun: the daemon makes the VMs' tap devices (QEMU runs under its own sandbox).
+        DeviceAllow = [ "/dev/net/tun rw" ];
         ProtectClock = true;
         ProtectControlGroups = true;
         ProtectHostname = true;
@@ -246,7 +266,10 @@ in
         LockPersonality = true;
         MemoryDenyWriteExecute = true;
         SystemCallArchitectures = "native";
-        SystemCallFilter = [ "@system-service" ];
+        SystemCallFilter = [
+          "@system-service"
+          "~@resources"
+        ];
         SystemCallErrorNumber = "EPERM";
       };
     };

@@ -327,6 +327,26 @@ in
         default = "rbd";
         description = "Pool holding the VMs' disks.";
       };
+      qemuClientId = mkOption {
+        type = types.strMatching "[A-Za-z0-9_.-]+";
+        default = "vmkeeper-qemu";
+        description = ''
+          Ceph client id (without `client.`) that QEMU connects as: a client of its own, not
+          the daemon's, with caps limited to the pool, e.g. created with
+          `ceph auth get-or-create client.vmkeeper-qemu mon 'profile rbd' osd 'profile rbd pool=rbd'`.
+        '';
+      };
+      qemuKeyFile = mkOption {
+        type = types.nullOr absolutePath;
+        default = "/etc/ceph/ceph.client.vmkeeper-qemu.key";
+        description = ''
+          File holding only the bare base64 key of `qemuClientId`
+          (`ceph auth get-key client.vmkeeper-qemu -o FILE`). The module keeps it readable by
+          QEMU's user only (0400); QEMU reads it as a secret object. Never put the key into the
+          Nix store. Null: QEMU's librados finds a keyring through
+          `conf` itself, which QEMU's user must then be able to read.
+        '';
+      };
     };
 
     qemu = {
@@ -365,6 +385,14 @@ in
         type = types.listOf types.str;
         default = [ ];
         description = "Arguments appended to every QEMU command line.";
+      };
+      user = mkOption {
+        type = types.strMatching "[a-z_][a-z0-9_-]*";
+        default = "vmkeeper-qemu";
+        description = ''
+          Unprivileged system user that every VM's QEMU runs as (one for all VMs; see
+          docs/development/security.md). The module creates it, in the `kvm` group.
+        '';
       };
     };
 

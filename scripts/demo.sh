@@ -41,6 +41,9 @@ cfg["stateDir"] = os.path.join(demo, "state")
 cfg["runtimeDir"] = os.path.join(demo, "run")
 cfg["ceph"]["conf"] = os.environ["CEPH_CONF"]
 cfg["ceph"]["clientId"] = os.environ["VMKEEPER_CEPH_CLIENT"]
+cfg["ceph"]["qemuClientId"] = os.environ["VMKEEPER_CEPH_QEMU_CLIENT"]
+cfg["ceph"]["qemuKeyFile"] = os.environ["VMKEEPER_CEPH_QEMU_KEY"]
+cfg["qemu"]["user"] = os.environ["VMKEEPER_QEMU_USER"]
 cfg["ceph"]["pool"] = os.environ["VMKEEPER_CEPH_POOL"]
 cfg["qemu"]["accel"] = os.environ["VMKEEPER_QEMU_ACCEL"]
 for vm in cfg["vms"].values():

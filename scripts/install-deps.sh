@@ -14,7 +14,7 @@ set -euo pipefail
 APT_PACKAGES=(
   ceph-mon ceph-osd ceph-common librbd-dev librados-dev python3-rados python3-rbd
   qemu-system-x86 qemu-block-extra
-  systemd dbus util-linux uuid-runtime procps
+  systemd dbus util-linux uuid-runtime procps iproute2
   busybox-static cpio gzip curl
   gcc pkg-config ca-certificates
   prometheus prometheus-alertmanager

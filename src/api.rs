@@ -1,7 +1,6 @@
 //! The daemon's local API: one JSON request and one JSON response per connection on a Unix
 //! socket. The caller's identity comes from the kernel (SO_PEERCRED), never from the request.
 
-use std::ffi::{CStr, CString};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,6 +9,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+
+use crate::exec::peer::{self, PeerCred};
 
 /// The API socket's name inside the runtime directory.
 pub const SOCKET: &str = "api.sock";
@@ -20,9 +21,13 @@ const MAX_REQUEST: u64 = 64 * 1024;
 /// The longest response a client reads (a status of thousands of VMs fits easily).
 const MAX_RESPONSE: u64 = 256 * 1024 * 1024;
 
-/// Connections served at once; more are refused at once (not queued), so idle or slow
-/// clients cannot take the API away from others.
+/// Connections served at once (root's not counted); more are refused at once (not queued),
+/// so idle or slow clients cannot take the API away from others.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// Connections one user may have served at once, so that one user cannot fill
+/// [`MAX_CONNECTIONS`] and lock everybody else out.
+pub const MAX_PER_USER: usize = 8;
 
 /// How long a client may take to send its request.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -155,6 +160,15 @@ pub enum ApiError {
     /// Sending or receiving failed.
     #[error("talking to the vmkeeper daemon failed")]
     Io(#[source] std::io::Error),
+    /// The kernel did not say who the peer is.
+    #[error("cannot identify the caller")]
+    Peer(#[source] peer::PeerError),
+    /// Reading the request failed.
+    #[error("cannot read the request")]
+    Read(#[source] std::io::Error),
+    /// The request has no end within the limit.
+    #[error("the request is longer than {0} bytes")]
+    TooLong(u64),
     /// The peer sent something that is not a request or response.
     #[error("malformed message")]
     Malformed(#[source] serde_json::Error),
@@ -185,10 +199,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     })
 }
 
-/// Serves the API on `listener`: each connection in a task of its own, at most
-/// [`MAX_CONNECTIONS`] at once, each bounded in time; `answer` turns a request into its
-/// response. Never returns; `accept` errors (such as running out of file descriptors) are
-/// waited out with a growing pause instead of spinning.
+/// Serves the API on `listener`: each connection in a task of its own, bounded in time; at
+/// most [`MAX_PER_USER`] at once per user and [`MAX_CONNECTIONS`] in all (root's have a pool
+/// of their own, so root is never locked out); more are refused at once, not queued. `answer`
+/// turns a request into its response. Never returns; `accept` errors (such as running out of
+/// file descriptors) are waited out with a growing pause instead of spinning.
 pub fn serve<F, Fut>(listener: UnixListener, authorized_group: String, answer: F)
 where
     F: Fn(Request, Caller) -> Fut + Send + Sync + 'static,
@@ -196,7 +211,7 @@ where
 {
     let answer = Arc::new(answer);
     let group: Arc<str> = authorized_group.into();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let slots = Slots::default();
     tokio::spawn(async move {
         let mut pause = Duration::from_millis(10);
         loop {
@@ -211,7 +226,11 @@ where
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let slot = match peer::peer_cred(&stream) {
+                Ok(cred) => slots.take(cred.uid),
+                Err(_) => None,
+            };
+            let Some(slot) = slot else {
                 // Refused, not queued: a best-effort answer that never blocks.
                 let _ =
                     stream.try_write(b"{\"error\":\"the daemon is busy: too many connections\"}\n");
@@ -220,19 +239,23 @@ where
             let (answer, group) = (answer.clone(), group.clone());
             tokio::spawn(async move {
                 let _slot = slot;
-                let resp =
-                    match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream, &group))
-                        .await
-                    {
-                        Ok(Ok((req, caller))) => {
-                            match tokio::time::timeout(ANSWER_TIMEOUT, answer(req, caller)).await {
-                                Ok(r) => r,
-                                Err(_) => Response::Error("no answer in time".into()),
-                            }
+                let resp = match tokio::time::timeout(
+                    READ_TIMEOUT,
+                    read_request(&mut stream, &group),
+                )
+                .await
+                {
+                    Ok(Ok((req, caller))) => {
+                        match tokio::time::timeout(ANSWER_TIMEOUT, answer(req, caller)).await {
+                            Ok(r) => r,
+                            Err(_) => Response::Error("no answer in time".into()),
                         }
-                        Ok(Err(e)) => Response::Error(format!("bad request: {e}")),
-                        Err(_) => Response::Error(format!("no request within {READ_TIMEOUT:?}")),
-                    };
+                    }
+                    Ok(Err(e)) => Response::Error(format!("bad request: {}", chain(&e))),
+                    Err(_) => Response::Error(format!(
+                        "bad request: no complete request (one JSON line) within {READ_TIMEOUT:?}"
+                    )),
+                };
                 let _ =
                     tokio::time::timeout(WRITE_TIMEOUT, write_response(&mut stream, &resp)).await;
             });
@@ -240,22 +263,96 @@ where
     });
 }
 
+/// Connections being served: per user, and in all (root's counted apart).
+#[derive(Debug, Clone, Default)]
+struct Slots(Arc<std::sync::Mutex<SlotCounts>>);
+
+#[derive(Debug, Default)]
+struct SlotCounts {
+    per_user: std::collections::HashMap<u32, usize>,
+    shared: usize,
+}
+
+/// A connection's place among [`Slots`], given back when dropped.
+#[derive(Debug)]
+struct Slot {
+    slots: Slots,
+    uid: u32,
+}
+
+impl Slots {
+    fn take(&self, uid: u32) -> Option<Slot> {
+        let mut c = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mine = c.per_user.get(&uid).copied().unwrap_or(0);
+        if mine >= MAX_PER_USER || (uid != 0 && c.shared >= MAX_CONNECTIONS) {
+            return None;
+        }
+        *c.per_user.entry(uid).or_default() += 1;
+        if uid != 0 {
+            c.shared += 1;
+        }
+        Some(Slot {
+            slots: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self
+            .slots
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = c.per_user.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_user.remove(&self.uid);
+            }
+        }
+        if self.uid != 0 {
+            c.shared -= 1;
+        }
+    }
+}
+
+/// An error with its causes, for a message that says what exactly was wrong.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// Reads one request from an accepted connection, with the caller's identity.
 pub async fn read_request(
     stream: &mut UnixStream,
     authorized_group: &str,
 ) -> Result<(Request, Caller), ApiError> {
-    let cred = stream.peer_cred().map_err(ApiError::Io)?;
-    let uid = cred.uid();
+    let cred = peer::peer_cred(stream).map_err(ApiError::Peer)?;
     let group = authorized_group.to_owned();
     // The user and group databases may be remote (NSS): looked up off the runtime's threads.
-    let caller = tokio::task::spawn_blocking(move || identify(uid, &group))
+    let caller = tokio::task::spawn_blocking(move || identify(&cred, &group))
         .await
         .map_err(|e| ApiError::Io(std::io::Error::other(e)))?;
-    let mut line = String::new();
+    let mut line = Vec::new();
     let mut reader = BufReader::new((&mut *stream).take(MAX_REQUEST));
-    reader.read_line(&mut line).await.map_err(ApiError::Io)?;
-    let req = serde_json::from_str(&line).map_err(ApiError::Malformed)?;
+    reader
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(ApiError::Read)?;
+    if !line.ends_with(b"\n") && line.len() as u64 >= MAX_REQUEST {
+        return Err(ApiError::TooLong(MAX_REQUEST));
+    }
+    let req = serde_json::from_slice(&line).map_err(ApiError::Malformed)?;
     Ok((req, caller))
 }
 
@@ -291,97 +388,16 @@ pub async fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Respo
         .map_err(|_| ApiError::Timeout(timeout))?
 }
 
-/// The caller's name and whether it is root or a member of `group` (primary or
-/// supplementary, as the group database says now).
-pub fn identify(uid: u32, group: &str) -> Caller {
-    let user = user_name(uid);
-    let authorized = uid == 0
-        || match (&user, group_id(group)) {
-            (Some(name), Some(gid)) => groups_of(name, uid).contains(&gid),
-            _ => false,
-        };
+/// The caller's name and whether it is root or holds `group`, as primary or supplementary
+/// group: the groups the kernel recorded for the peer when it connected, not what the group
+/// database says about the user now.
+pub fn identify(cred: &PeerCred, group: &str) -> Caller {
+    let authorized = cred.uid == 0 || peer::group_id(group).is_some_and(|gid| cred.in_group(gid));
     Caller {
-        uid,
-        user,
+        uid: cred.uid,
+        user: peer::user_name(cred.uid),
         authorized,
     }
-}
-
-/// The user's name and primary group from the password database.
-fn passwd(uid: u32) -> Option<(String, u32)> {
-    let mut buf = vec![0u8; 16 * 1024];
-    // SAFETY: passwd is plain old data that getpwuid_r fills in.
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call and buf's length is passed with it.
-    let rc = unsafe {
-        libc::getpwuid_r(
-            uid,
-            &mut pw,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 || result.is_null() {
-        return None;
-    }
-    // SAFETY: on success pw_name points to a NUL-terminated string inside buf, alive here.
-    let name = unsafe { CStr::from_ptr(pw.pw_name) }
-        .to_string_lossy()
-        .into_owned();
-    Some((name, pw.pw_gid))
-}
-
-fn user_name(uid: u32) -> Option<String> {
-    passwd(uid).map(|(name, _)| name)
-}
-
-fn group_id(name: &str) -> Option<u32> {
-    let cname = CString::new(name).ok()?;
-    let mut buf = vec![0u8; 64 * 1024];
-    // SAFETY: group is plain old data that getgrnam_r fills in.
-    let mut gr: libc::group = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call and buf's length is passed with it.
-    let rc = unsafe {
-        libc::getgrnam_r(
-            cname.as_ptr(),
-            &mut gr,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    (rc == 0 && !result.is_null()).then_some(gr.gr_gid)
-}
-
-fn groups_of(user: &str, uid: u32) -> Vec<u32> {
-    let Ok(cuser) = CString::new(user) else {
-        return vec![];
-    };
-    let primary = primary_gid(uid).unwrap_or(u32::MAX);
-    let mut n: libc::c_int = 64;
-    loop {
-        let mut groups = vec![0 as libc::gid_t; n as usize];
-        let mut count = n;
-        // SAFETY: groups holds `count` entries; getgrouplist writes at most that many and
-        // sets count to the number it needs.
-        let rc =
-            unsafe { libc::getgrouplist(cuser.as_ptr(), primary, groups.as_mut_ptr(), &mut count) };
-        if rc >= 0 {
-            groups.truncate(count.max(0) as usize);
-            return groups;
-        }
-        if count <= n || count > 65_536 {
-            return vec![];
-        }
-        n = count;
-    }
-}
-
-fn primary_gid(uid: u32) -> Option<u32> {
-    passwd(uid).map(|(_, gid)| gid)
 }
 
 #[cfg(test)]
@@ -389,17 +405,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn root_is_authorized_and_unknown_users_are_not() {
-        let root = identify(0, "sudo-srv");
+    fn root_is_authorized_and_others_only_through_their_kernel_groups() {
+        let cred = |uid, gid, groups: &[u32]| PeerCred {
+            pid: 1,
+            uid,
+            gid,
+            groups: groups.to_vec(),
+        };
+        let root = identify(&cred(0, 0, &[]), "sudo-srv");
         assert_eq!(root.user.as_deref(), Some("root"));
         assert!(root.authorized);
-        let nobody = identify(65534, "sudo-srv");
-        assert!(!nobody.authorized);
-        // A member of the group (root's primary group) is authorized through the group.
-        assert!(identify(0, "root").authorized);
-        let ghost = identify(4_000_000, "root");
+        assert!(!identify(&cred(65534, 65534, &[]), "sudo-srv").authorized);
+        // Group "root" (gid 0) held as primary or supplementary group authorizes anyone.
+        assert!(identify(&cred(65534, 0, &[]), "root").authorized);
+        assert!(identify(&cred(65534, 65534, &[7, 0]), "root").authorized);
+        let ghost = identify(&cred(4_000_000, 4_000_000, &[]), "root");
         assert_eq!(ghost.user, None);
         assert!(!ghost.authorized);
+        // A group the database does not know authorizes nobody but root.
+        assert!(!identify(&cred(65534, 0, &[0]), "no-such-group-here").authorized);
     }
 
     #[tokio::test]
@@ -421,8 +445,7 @@ mod tests {
         let resp = call(&path, &Request::Status, Duration::from_secs(10))
             .await
             .unwrap();
-        // SAFETY: getuid has no preconditions.
-        let me = unsafe { libc::getuid() };
+        let me = nix::unistd::geteuid().as_raw();
         assert_eq!(resp, Response::Ok(serde_json::json!({ "uid": me })));
         assert_eq!(server.await.unwrap(), Request::Status);
     }

@@ -34,6 +34,22 @@ impl VmName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The name of the VM's tap device: `vmk-NAME` when that fits the kernel's 15 characters,
+    /// else `vmk-` with the name's first 6 characters and a hash of all of it. The same name
+    /// always gives the same device; configuration validation refuses two VMs that would share
+    /// one.
+    pub fn tap_name(&self) -> String {
+        const PREFIX: &str = "vmk-";
+        if PREFIX.len() + self.0.len() <= 15 {
+            return format!("{PREFIX}{}", self.0);
+        }
+        // FNV-1a: stable across builds and Rust versions, unlike std's hasher.
+        let hash = self.0.bytes().fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        format!("{PREFIX}{}-{:04x}", &self.0[..6], hash & 0xffff)
+    }
 }
 
 impl FromStr for VmName {
@@ -229,6 +245,18 @@ pub struct VmSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tap_names_fit_the_kernels_limit_and_stay_readable() {
+        let tap = |n: &str| n.parse::<VmName>().unwrap().tap_name();
+        assert_eq!(tap("web01"), "vmk-web01");
+        assert_eq!(tap("abcdefghijk"), "vmk-abcdefghijk");
+        let long = tap("customer-database-primary");
+        assert_eq!(long.len(), 15);
+        assert!(long.starts_with("vmk-custom-"), "{long}");
+        assert_eq!(long, tap("customer-database-primary"));
+        assert_ne!(long, tap("customer-database-replica"));
+    }
 
     #[test]
     fn names_follow_the_dns_label_rule() {

@@ -311,7 +311,7 @@ pub fn plan(config: &Config, observed: &Observed, state: &State, now: DateTime<U
     }
     for (name, d) in &state.deletions {
         if !config.vms.contains_key(name) {
-            p.timeline(name, d.schedule(tz), &d.source, d.progress);
+            p.timeline(name, &d.schedule(tz), &d.source, d.progress);
         }
         if !d.progress.has_done(Stage::ReleaseName) {
             let free_on = d.schedule(tz).date_of(Stage::ReleaseName);
@@ -365,7 +365,7 @@ impl Planner<'_> {
                     });
                     self.timeline(
                         name,
-                        Schedule::new(self.tz, date),
+                        &Schedule::new(self.tz, date),
                         &DeletionSource::Config,
                         Progress::Scheduled,
                     );
@@ -392,7 +392,7 @@ impl Planner<'_> {
         let schedule = d.schedule(self.tz);
         if d.progress.has_done(Stage::Purge) {
             // The remaining stages run whether or not the name is declared again.
-            self.timeline(name, d.schedule(self.tz), &d.source, d.progress);
+            self.timeline(name, &d.schedule(self.tz), &d.source, d.progress);
             let free = schedule.date_of(Stage::ReleaseName);
             self.refuse(
                 name,
@@ -436,7 +436,7 @@ impl Planner<'_> {
                     });
                     self.timeline(
                         name,
-                        Schedule::new(self.tz, date),
+                        &Schedule::new(self.tz, date),
                         &DeletionSource::Config,
                         Progress::Scheduled,
                     );
@@ -445,7 +445,7 @@ impl Planner<'_> {
                 Err(e) => self.refuse(name, ".deleteAt", e),
             }
         }
-        self.timeline(name, d.schedule(self.tz), &d.source, d.progress);
+        self.timeline(name, &d.schedule(self.tz), &d.source, d.progress);
         // After the shutdown the VM stays off until the deletion is cancelled.
         !d.progress.has_done(Stage::Shutdown) && schedule.t() > self.now
     }
@@ -688,7 +688,7 @@ impl Planner<'_> {
         });
         self.timeline(
             name,
-            Schedule::new(self.tz, date),
+            &Schedule::new(self.tz, date),
             &DeletionSource::Removed,
             Progress::Scheduled,
         );
@@ -697,12 +697,12 @@ impl Planner<'_> {
     fn timeline(
         &mut self,
         name: &VmName,
-        schedule: Schedule,
+        schedule: &Schedule,
         source: &DeletionSource,
         progress: Progress,
     ) {
         let date = schedule.date;
-        let mut due = progress.due(&schedule, self.now);
+        let mut due = progress.due(schedule, self.now);
         if let Some(why) = &self.observed.clock_untrusted {
             // A destructive stage waits for a clock that can be trusted.
             for stage in due.iter().filter(|s| s.destructive()) {

@@ -9,6 +9,13 @@ use crate::model::{Resources, VmName, VmSpec};
 /// The QMP node-name of every VM's root disk; `block_resize` addresses it.
 pub const ROOT_NODE: &str = "root0";
 
+/// QEMU's own seccomp sandbox: no obsolete system calls, no set*id, no fork/exec, no changes
+/// to scheduling or resource limits (the systemd unit filters system calls too).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The id of the secret object holding QEMU's Ceph key.
+const CEPH_SECRET: &str = "ceph-key";
+
 /// Where a VM's runtime files live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmPaths {
@@ -52,22 +59,27 @@ pub fn qemu_argv(
 ) -> Vec<String> {
     let q = &config.qemu;
     let ceph = &config.ceph;
-    let blockdev = serde_json::json!({
+    let mut blockdev = serde_json::json!({
         "driver": "rbd",
         "node-name": ROOT_NODE,
         "pool": ceph.pool,
         "image": image_name(&spec.name),
         "conf": ceph.conf,
-        "user": ceph.client_id,
+        "user": ceph.qemu_client_id,
         "discard": "unmap",
         "cache": { "direct": false },
     });
+    if ceph.qemu_key_file.is_some() {
+        blockdev["key-secret"] = CEPH_SECRET.into();
+    }
     let mut argv: Vec<String> = vec![
         q.binary.display().to_string(),
         "-name".into(),
         format!("guest={},debug-threads=on", spec.name),
         "-nodefaults".into(),
         "-no-user-config".into(),
+        "-sandbox".into(),
+        SANDBOX.into(),
         "-display".into(),
         "none".into(),
         "-machine".into(),
@@ -83,6 +95,18 @@ pub fn qemu_argv(
         resources.cores.to_string(),
         "-m".into(),
         format!("{}M", resources.memory_mib),
+    ];
+    if let Some(key) = &ceph.qemu_key_file {
+        // The key reaches librados through QEMU's secret object, never the command line.
+        argv.extend([
+            "-object".into(),
+            format!(
+                "secret,id={CEPH_SECRET},file={},format=base64",
+                key.display()
+            ),
+        ]);
+    }
+    argv.extend([
         "-blockdev".into(),
         blockdev.to_string(),
         "-device".into(),
@@ -98,11 +122,16 @@ pub fn qemu_argv(
         ),
         "-serial".into(),
         "chardev:serial1".into(),
-    ];
+    ]);
     if let Some(net) = &spec.network {
+        // The daemon made the tap device, owned by QEMU's user and on the bridge already: QEMU
+        // only opens it, and runs no helper scripts.
         argv.extend([
             "-netdev".into(),
-            format!("bridge,id=net0,br={}", net.bridge),
+            format!(
+                "tap,id=net0,ifname={},script=no,downscript=no",
+                spec.name.tap_name()
+            ),
             "-device".into(),
             format!("virtio-net-pci,netdev=net0,mac={}", net.mac_address),
         ]);
@@ -127,7 +156,8 @@ mod tests {
     #[test]
     fn the_command_line_follows_the_spec() {
         let c = crate::config::parse(
-            r#"{ "qemu": { "accel": "tcg", "binary": "/usr/bin/qemu-system-x86_64", "extraArgs": ["-snapshot"] },
+            r#"{ "ceph": { "qemuKeyFile": "/etc/ceph/vmkeeper-qemu.key" },
+                 "qemu": { "accel": "tcg", "binary": "/usr/bin/qemu-system-x86_64", "extraArgs": ["-snapshot"] },
                  "runtimeDir": "/run/vmk",
                  "vms": { "web01": { "cores": 2, "memoryMiB": 2048, "diskGiB": 30,
                    "network": { "bridge": "br0", "macAddress": "52:54:00:00:00:01" },
@@ -152,11 +182,13 @@ mod tests {
         assert_eq!(argv[0], "/usr/bin/qemu-system-x86_64");
         for part in [
             "-accel tcg -cpu max -smp 1 -m 1024M",
-            r#"-blockdev {"cache":{"direct":false},"conf":"/etc/ceph/ceph.conf","discard":"unmap","driver":"rbd","image":"web01","node-name":"root0","pool":"rbd","user":"admin"}"#,
+            "-nodefaults -no-user-config -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny ",
+            "-object secret,id=ceph-key,file=/etc/ceph/vmkeeper-qemu.key,format=base64 -blockdev",
+            r#"-blockdev {"cache":{"direct":false},"conf":"/etc/ceph/ceph.conf","discard":"unmap","driver":"rbd","image":"web01","key-secret":"ceph-key","node-name":"root0","pool":"rbd","user":"vmkeeper-qemu"}"#,
             "-device virtio-blk-pci,drive=root0,id=disk0,bootindex=1",
             "-qmp unix:/run/vmk/vms/web01/qmp.sock,server=on,wait=off",
             "-serial file:/run/vmk/vms/web01/console.log",
-            "-netdev bridge,id=net0,br=br0 -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01",
+            "-netdev tap,id=net0,ifname=vmk-web01,script=no,downscript=no -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01",
             "-kernel /k -initrd /i -append console=ttyS0 -snapshot",
         ] {
             assert!(line.contains(part), "{part}\nnot in\n{line}");

@@ -87,6 +87,10 @@ in
         type = types.attrsOf freeform;
         default = { };
       };
+      users.users = mkOption {
+        type = types.attrsOf freeform;
+        default = { };
+      };
       systemd.package = mkOption {
         type = types.package;
         default = stubDerivation "systemd";

@@ -60,12 +60,15 @@ let
       conf = "/etc/ceph/ceph.conf";
       clientId = "admin";
       pool = "rbd";
+      qemuClientId = "vmkeeper-qemu";
+      qemuKeyFile = "/etc/ceph/ceph.client.vmkeeper-qemu.key";
     };
     qemu = {
       accel = "kvm";
       machine = if lib.hasPrefix "x86_64" system then "q35" else "virt";
       stopTimeout = "60s";
       extraArgs = [ ];
+      user = "vmkeeper-qemu";
     };
     vms = {
       web01 = {
@@ -128,7 +131,7 @@ let
         let
           service = serviceOf config;
         in
-        config.systemd.tmpfiles.rules == [
+        lib.take 2 config.systemd.tmpfiles.rules == [
           "d /usr/local/lib/systemd/catalog 0755 root root -"
           "L+ /usr/local/lib/systemd/catalog/vmkeeper.catalog - - - - ${stubs.package}/lib/systemd/catalog/vmkeeper.catalog"
         ]
@@ -165,12 +168,79 @@ let
         && sc.ProtectHome
         && sc.PrivateTmp
         && sc.DevicePolicy == "closed"
-        && sc.DeviceAllow == [ "/dev/kvm rw" ]
+        && sc.DeviceAllow == [ "/dev/net/tun rw" ]
         && sc.SystemCallArchitectures == "native"
-        && sc.SystemCallFilter == [ "@system-service" ]
+        && sc.SystemCallFilter == [
+          "@system-service"
+          "~@resources"
+        ]
         && sc.MemoryDenyWriteExecute
         && sc.RestrictSUIDSGID
-        && !(lib.elem "CAP_SYS_ADMIN" sc.CapabilityBoundingSet);
+        && !(lib.elem "CAP_SYS_ADMIN" sc.CapabilityBoundingSet)
+        && !(lib.elem "CAP_SYS_PTRACE" sc.CapabilityBoundingSet);
+    }
+    {
+      name = "the daemon may make tap devices and hand VM directories to QEMU's user, nothing more";
+      check =
+        config:
+        let
+          caps = (serviceOf config).serviceConfig.CapabilityBoundingSet;
+        in
+        lib.elem "CAP_NET_ADMIN" caps
+        && lib.elem "CAP_CHOWN" caps
+        && lib.sort lib.lessThan caps == [
+          "CAP_CHOWN"
+          "CAP_DAC_OVERRIDE"
+          "CAP_DAC_READ_SEARCH"
+          "CAP_FOWNER"
+          "CAP_KILL"
+          "CAP_NET_ADMIN"
+        ];
+    }
+    {
+      name = "QEMU's user is created: a system user with a group of its own, in kvm";
+      check =
+        config:
+        let
+          u = config.users.users.vmkeeper-qemu;
+        in
+        u.isSystemUser
+        && u.group == "vmkeeper-qemu"
+        && u.extraGroups == [ "kvm" ]
+        && config.users.groups ? vmkeeper-qemu
+        && !(u ? uid && u.uid == 0);
+    }
+    {
+      name = "QEMU's user can be renamed, and the JSON follows";
+      modules = [
+        example
+        { services.vmkeeper.qemu.user = "vmqemu"; }
+      ];
+      check =
+        config:
+        config.users.users ? vmqemu
+        && config.users.groups ? vmqemu
+        && config.services.vmkeeper.finalSettings.qemu.user == "vmqemu";
+    }
+    {
+      name = "QEMU's Ceph key file has its directory and is readable by QEMU's user only";
+      check =
+        config:
+        lib.drop 2 config.systemd.tmpfiles.rules == [
+          "d /etc/ceph 0755 root root -"
+          "z /etc/ceph/ceph.client.vmkeeper-qemu.key 0400 vmkeeper-qemu vmkeeper-qemu -"
+        ];
+    }
+    {
+      name = "without a key file QEMU's librados finds its keyring itself, and no rule is made";
+      modules = [
+        example
+        { services.vmkeeper.ceph.qemuKeyFile = null; }
+      ];
+      check =
+        config:
+        !(config.services.vmkeeper.finalSettings.ceph ? qemuKeyFile)
+        && lib.length config.systemd.tmpfiles.rules == 2;
     }
     {
       name = "memory above the VM's limit fails with a message naming the VM";
@@ -359,6 +429,7 @@ let
         config.systemd.services == { }
         && config.environment.etc == { }
         && config.users.groups == { }
+        && config.users.users == { }
         && config.assertions == [ ];
     }
   ];

@@ -189,9 +189,17 @@ in
           )
           host.wait_until_succeeds("ceph osd stat | grep -E '1 osds: 1 up[^,]*, 1 in'")
           host.succeed("ceph osd pool create rbd 8 8", "rbd pool init rbd")
+          # QEMU's own client, limited to the pool; its bare key where the module expects it.
+          host.succeed(
+              "ceph auth get-or-create client.vmkeeper-qemu mon 'profile rbd' osd 'profile rbd pool=rbd'",
+              "ceph auth get-key client.vmkeeper-qemu -o /etc/ceph/ceph.client.vmkeeper-qemu.key",
+              "systemd-tmpfiles --create",
+              "test $(stat -c %a:%U /etc/ceph/ceph.client.vmkeeper-qemu.key) = 400:vmkeeper-qemu",
+          )
 
       with subtest("the module's pieces are in place"):
           host.succeed("getent group sudo-srv")
+          host.succeed("id vmkeeper-qemu | grep -q kvm")
           host.succeed("vmkeeper check-config /etc/vmkeeper/config.json")
           host.succeed("systemctl show -p Type --value vmkeeper.service | grep -x notify")
 
@@ -202,6 +210,14 @@ in
           host.wait_for_unit("vmkeeper-vm-db01.service")
           guest_sees("web01", "${sectors 50}", 2)
           guest_sees("db01", "${sectors 100}", 4)
+          # QEMU runs unprivileged and sandboxed.
+          pid = host.succeed("systemctl show -p MainPID --value vmkeeper-vm-web01.service").strip()
+          status = host.succeed(f"cat /proc/{pid}/status")
+          assert re.search(r"^Uid:\s+[1-9]", status, re.M), status
+          assert re.search(r"^CapEff:\s+0+$", status, re.M), status
+          assert re.search(r"^NoNewPrivs:\s+1$", status, re.M), status
+          assert re.search(r"^Seccomp:\s+2$", status, re.M), status
+          print(host.succeed("systemd-analyze security vmkeeper-vm-web01.service vmkeeper.service"))
           daemon = invocation("vmkeeper.service")
           web01 = invocation("vmkeeper-vm-web01.service")
           db01 = invocation("vmkeeper-vm-db01.service")

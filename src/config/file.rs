@@ -98,11 +98,20 @@ pub struct RawCeph {
     pub client_id: Option<String>,
     pub keyring: Option<String>,
     pub pool: Option<String>,
+    pub qemu_client_id: Option<String>,
+    pub qemu_key_file: Option<String>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
 
-pub const CEPH_KEYS: &[&str] = &["conf", "clientId", "keyring", "pool"];
+pub const CEPH_KEYS: &[&str] = &[
+    "conf",
+    "clientId",
+    "keyring",
+    "pool",
+    "qemuClientId",
+    "qemuKeyFile",
+];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -113,6 +122,7 @@ pub struct RawQemu {
     pub stop_timeout: Option<String>,
     pub extra_args: Option<Vec<String>>,
     pub max_concurrent_starts: Option<i64>,
+    pub user: Option<String>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -124,6 +134,7 @@ pub const QEMU_KEYS: &[&str] = &[
     "stopTimeout",
     "extraArgs",
     "maxConcurrentStarts",
+    "user",
 ];
 
 #[derive(Debug, Default, Deserialize)]

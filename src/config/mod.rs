@@ -79,6 +79,12 @@ pub struct CephConfig {
     pub keyring: Option<PathBuf>,
     /// Pool of the VM disks.
     pub pool: String,
+    /// The Ceph client QEMU connects as (its own, limited to the pool), without `client.`.
+    pub qemu_client_id: String,
+    /// A file holding only that client's base64 key (as `ceph auth get-key` writes it),
+    /// readable by QEMU's user only; QEMU reads it as a secret object. `None`: QEMU's librados
+    /// finds a keyring through `conf` itself.
+    pub qemu_key_file: Option<PathBuf>,
 }
 
 /// QEMU accelerator.
@@ -116,6 +122,8 @@ pub struct QemuConfig {
     /// How many QEMUs may be starting at once (a host start with many VMs starts them a
     /// few at a time).
     pub max_concurrent_starts: usize,
+    /// The unprivileged system user every VM's QEMU runs as.
+    pub user: String,
 }
 
 /// One thing wrong with a configuration, or worth a warning.

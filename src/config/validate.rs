@@ -31,6 +31,10 @@ pub const HUGE_DISK_GIB: i64 = 10_240;
 /// QEMUs starting at once by default: enough to keep a host start short, few enough that
 /// each gets CPU to open its disk and begin booting.
 pub const DEFAULT_CONCURRENT_STARTS: i64 = 4;
+/// The system user QEMU runs as by default (the NixOS module creates it).
+pub const DEFAULT_QEMU_USER: &str = "vmkeeper-qemu";
+/// QEMU's Ceph client by default.
+pub const DEFAULT_QEMU_CLIENT: &str = "vmkeeper-qemu";
 /// Largest disk, in GiB (1 PiB): far beyond any sane block device, and keeps byte sizes in u64.
 pub const MAX_DISK_GIB: i64 = 1 << 20;
 
@@ -124,6 +128,17 @@ impl Validator {
         }
     }
 
+    /// Refuses a value that would end a QEMU option early and start another (`,` separates
+    /// options; `=` is refused too, so nothing can pose as a `key=value` pair).
+    fn option_safe(&mut self, path: &str, s: &str) {
+        if s.contains([',', '=']) || s.chars().any(char::is_control) {
+            self.err(
+                path,
+                format!("{s:?} contains ',', '=' or a control character, which QEMU option strings cannot carry"),
+            );
+        }
+    }
+
     fn range(&mut self, path: &str, v: i64, lo: i64, hi: i64) -> bool {
         if (lo..=hi).contains(&v) {
             true
@@ -198,6 +213,8 @@ pub fn parse(text: &str) -> Result<Checked, Vec<Problem>> {
     let state_dir = v.abs_path("stateDir", &state_dir);
     let runtime_dir = v.string_or("runtimeDir", raw.runtime_dir, "/run/vmkeeper");
     let runtime_dir = v.abs_path("runtimeDir", &runtime_dir);
+    // Its paths reach QEMU option strings (`-qmp unix:PATH,server=on`).
+    v.option_safe("runtimeDir", &runtime_dir.display().to_string());
     let ceph = ceph(&mut v, raw.ceph);
     let qemu = qemu(&mut v, raw.qemu);
     let metrics_listen = metrics(&mut v, raw.metrics);
@@ -223,6 +240,20 @@ pub fn parse(text: &str) -> Result<Checked, Vec<Problem>> {
         }
     }
     unique_addresses(&mut v, &addresses);
+    let mut taps: BTreeMap<String, &VmName> = BTreeMap::new();
+    for (name, spec) in &vms {
+        if spec.network.is_some()
+            && let Some(first) = taps.insert(name.tap_name(), name)
+        {
+            v.err(
+                format!("vms.{name}.network"),
+                format!(
+                    "its tap device {} would be the same as {first}'s; rename one of them",
+                    name.tap_name()
+                ),
+            );
+        }
+    }
 
     if !v.problems.is_empty() {
         return Err(v.problems);
@@ -448,11 +479,33 @@ fn ceph(v: &mut Validator, raw: Option<Value>) -> CephConfig {
     if pool.is_empty() || pool.contains(['/', '@']) {
         v.err("ceph.pool", format!("{pool:?} is not a pool name"));
     }
+    let qemu_client_id = raw
+        .qemu_client_id
+        .unwrap_or_else(|| DEFAULT_QEMU_CLIENT.to_owned());
+    if !is_ceph_id(&qemu_client_id) {
+        v.err(
+            "ceph.qemuClientId",
+            format!("{qemu_client_id:?} is not a client id without the \"client.\" prefix (a-z, A-Z, 0-9, '_', '-', '.')"),
+        );
+    } else if qemu_client_id == client_id {
+        v.err(
+            "ceph.qemuClientId",
+            format!("{qemu_client_id:?} is the daemon's own client; QEMU gets a client of its own, limited to the pool"),
+        );
+    }
+    let qemu_key_file = raw.qemu_key_file.map(|k| {
+        let p = v.abs_path("ceph.qemuKeyFile", &k);
+        v.option_safe("ceph.qemuKeyFile", &k);
+        p
+    });
+    v.option_safe("ceph.conf", &conf.display().to_string());
     CephConfig {
         conf,
         client_id,
         keyring,
         pool,
+        qemu_client_id,
+        qemu_key_file,
     }
 }
 
@@ -473,10 +526,34 @@ fn qemu(v: &mut Validator, raw: Option<Value>) -> QemuConfig {
     if binary.is_empty() {
         v.err("qemu.binary", "must not be empty");
     }
+    let machine = raw.machine.unwrap_or_else(|| "q35".to_owned());
+    if machine.is_empty()
+        || !machine
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        v.err(
+            "qemu.machine",
+            format!("{machine:?} is not a machine type (a-z, A-Z, 0-9, '-', '_', '.')"),
+        );
+    }
+    let user = raw.user.unwrap_or_else(|| DEFAULT_QEMU_USER.to_owned());
+    if !is_group_name(&user) {
+        v.err(
+            "qemu.user",
+            format!("{user:?} is not a user name (a-z, 0-9, '_', '-', at most 32, starting with a letter or '_')"),
+        );
+    } else if user == "root" {
+        v.err(
+            "qemu.user",
+            "QEMU never runs as root: name an unprivileged system user",
+        );
+    }
     QemuConfig {
         binary: PathBuf::from(binary),
         accel,
-        machine: raw.machine.unwrap_or_else(|| "q35".to_owned()),
+        machine,
+        user,
         stop_timeout: v.duration(
             "qemu.stopTimeout",
             raw.stop_timeout.as_deref(),
@@ -683,11 +760,11 @@ fn vm(v: &mut Validator, path: &str, raw: RawVm, claims: &mut Claims) -> Option<
         v.unknown(&p, &n.unknown, NETWORK_KEYS);
         let bridge = nonempty(v, &format!("{p}.bridge"), n.bridge);
         if let Some(b) = &bridge
-            && (b.len() > 15 || b.contains(['/', ' ']))
+            && !is_interface_name(b)
         {
             v.err(
                 format!("{p}.bridge"),
-                format!("{b:?} is not an interface name (at most 15 characters)"),
+                format!("{b:?} is not an interface name (1 to 15 of a-z, A-Z, 0-9, '-', '_', '.')"),
             );
         }
         let mac = nonempty(v, &format!("{p}.macAddress"), n.mac_address);
@@ -792,6 +869,22 @@ fn weekday(s: &str) -> Option<Weekday> {
         "sun" => Weekday::Sun,
         _ => return None,
     })
+}
+
+/// A Linux interface name that is also safe inside a QEMU option string.
+pub(crate) fn is_interface_name(s: &str) -> bool {
+    (1..=15).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s != "."
+        && s != ".."
+}
+
+fn is_ceph_id(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with("client.")
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn is_group_name(s: &str) -> bool {

@@ -15,12 +15,12 @@ use super::notifier::Outbox;
 use super::ops::{self, Ctx, Job, QemuStart, QemuStop, QmpConn};
 use super::silences::SilencePlan;
 use super::timers::TimerPlan;
-use super::{Event, failed, journal, link, persist, resync, timers};
+use super::{Event, failed, journal, link, persist, resync, sandbox, timers};
 use crate::api::Response;
 use crate::config::Config;
 use crate::events::Event as Journal;
 use crate::exec::qmp::QmpEvent;
-use crate::exec::systemd::{self, PropertyValue, StopPolicy, TransientService};
+use crate::exec::systemd::{self, StopPolicy, TransientService};
 use crate::metrics::{Histograms, VmCounters};
 use crate::model::{GIB, InvocationId, Resources, VmName, VmSpec};
 use crate::plan::{self, Action, Observed, ObservedVm, Plan};
@@ -1077,9 +1077,11 @@ impl Daemon {
             instance: slot.sup.instance().cloned(),
             grace,
             link: slot.link_rx(),
+            tap: vm.tap_name(),
         }
     }
 
+    /// The unit that runs `spec`'s QEMU with `argv`, in its sandbox, and what to prepare for it.
     pub(super) fn qemu_start(&mut self, spec: &VmSpec, argv: Vec<String>) -> QemuStart {
         let vm = &spec.name;
         let paths = VmPaths::new(&self.config.runtime_dir, vm);
@@ -1097,10 +1099,18 @@ impl Daemon {
                 .unwrap_or(Duration::from_secs(60)),
             ..StopPolicy::default()
         };
-        service.properties = qemu_hardening(&paths);
+        service.properties = sandbox::qemu_unit_properties(&self.config, spec, &paths);
         QemuStart {
             service,
-            dirs: vec![paths.dir.clone()],
+            files: ops::VmFiles {
+                vms_dir: self.config.runtime_dir.join("vms"),
+                dir: paths.dir.clone(),
+                user: self.config.qemu.user.clone(),
+            },
+            tap: spec
+                .network
+                .as_ref()
+                .map(|n| (vm.tap_name(), n.bridge.clone())),
             stale: vec![paths.qmp.clone(), paths.serial_socket.clone()],
             link: self.slot(vm).link_rx(),
         }
@@ -1623,37 +1633,4 @@ pub(super) fn qemu_argv(config: &Config, spec: &VmSpec, resources: Resources) ->
     let mut argv = render::qemu_argv(config, spec, resources, &paths);
     argv[0] = super::resolve_program(&argv[0]);
     argv
-}
-
-/// Sandboxing QEMU tolerates: no new privileges, a read-only system except its own runtime
-/// directory, no home, only the devices a VM needs. W^X is not enforced because TCG
-/// generates code at run time; /tmp stays shared because operators' kernels and ceph.conf
-/// (and the test harness) may live there, and QEMU writes nothing to it.
-fn qemu_hardening(paths: &VmPaths) -> Vec<(String, PropertyValue)> {
-    let s = |k: &str, v: &str| (k.to_owned(), PropertyValue::Str(v.to_owned()));
-    let b = |k: &str, v: bool| (k.to_owned(), PropertyValue::Bool(v));
-    vec![
-        b("NoNewPrivileges", true),
-        s("ProtectSystem", "strict"),
-        s("ProtectHome", "yes"),
-        (
-            "ReadWritePaths".into(),
-            PropertyValue::Strs(vec![paths.dir.display().to_string()]),
-        ),
-        b("ProtectKernelTunables", true),
-        b("ProtectKernelModules", true),
-        b("ProtectControlGroups", true),
-        b("RestrictRealtime", true),
-        b("RestrictSUIDSGID", true),
-        b("LockPersonality", true),
-        s("DevicePolicy", "closed"),
-        (
-            "DeviceAllow".into(),
-            PropertyValue::Pairs(vec![
-                ("/dev/kvm".into(), "rw".into()),
-                ("/dev/net/tun".into(), "rw".into()),
-                ("/dev/vhost-net".into(), "rw".into()),
-            ]),
-        ),
-    ]
 }

@@ -26,6 +26,7 @@ mod notifier;
 mod ops;
 mod persist;
 pub mod resync;
+mod sandbox;
 mod scrape;
 pub mod silences;
 mod startup;

@@ -3,6 +3,8 @@
 
 pub mod alertmanager;
 pub mod notify;
+pub mod peer;
 pub mod qmp;
 pub mod rbd;
 pub mod systemd;
+pub mod tap;

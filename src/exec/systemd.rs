@@ -211,12 +211,17 @@ pub enum PropertyValue {
     Strs(Vec<String>),
     /// `t`
     U64(u64),
+    /// `u`, e.g. `UMask`
+    U32(u32),
     /// `i`
     I32(i32),
     /// `a(ss)`, e.g. `DeviceAllow`
     Pairs(Vec<(String, String)>),
     /// `(bas)`, e.g. `SystemCallFilter` and `RestrictAddressFamilies` (allow-list when true)
     FlaggedStrs(bool, Vec<String>),
+    /// `a(ssbt)`, `BindPaths` and `BindReadOnlyPaths`: source, destination, whether a missing
+    /// source is ignored, mount flags (`MS_REC` = recursive)
+    Binds(Vec<(String, String, bool, u64)>),
 }
 
 impl PropertyValue {
@@ -226,9 +231,11 @@ impl PropertyValue {
             Self::Str(s) => Variant::from(s.clone()),
             Self::Strs(v) => Variant::from(v.clone()),
             Self::U64(n) => Variant::from(*n),
+            Self::U32(n) => Variant::from(*n),
             Self::I32(n) => Variant::from(*n),
             Self::Pairs(v) => Variant::from(v.clone()),
             Self::FlaggedStrs(b, v) => Variant::from((*b, v.clone())),
+            Self::Binds(v) => Variant::from(v.clone()),
         }
     }
 }

@@ -62,8 +62,9 @@ impl Host {
             "runtimeDir": dir.join("run"),
             "notifyCommand": hook,
             "contacts": ["ops@example.com"],
-            "ceph": { "conf": h.ceph_conf, "pool": h.ceph_pool, "clientId": h.ceph_client },
-            "qemu": { "accel": h.accel, "stopTimeout": "20s" },
+            "ceph": { "conf": h.ceph_conf, "pool": h.ceph_pool, "clientId": h.ceph_client,
+                      "qemuClientId": h.ceph_qemu_client, "qemuKeyFile": h.ceph_qemu_key },
+            "qemu": { "accel": h.accel, "stopTimeout": "20s", "user": h.qemu_user },
             "vms": declared,
         });
         let since_us = std::time::SystemTime::now()
@@ -142,6 +143,15 @@ impl Host {
 
     /// Starts the daemon with extra environment, e.g. `VMKEEPER_FAILPOINT`.
     pub fn start_daemon_with(&self, env: &[(&str, &str)]) {
+        self.start_daemon_props(env, &[]);
+    }
+
+    /// Starts the daemon with extra `systemd-run` arguments (`--property` pairs, a sandbox).
+    pub fn start_daemon_hardened(&self, props: &[String]) {
+        self.start_daemon_props(&[], props);
+    }
+
+    fn start_daemon_props(&self, env: &[(&str, &str)], props: &[String]) {
         let bin = env!("CARGO_BIN_EXE_vmkeeper");
         let mut args: Vec<String> = vec![
             "--unit".into(),
@@ -154,6 +164,7 @@ impl Host {
         for (k, v) in env {
             args.extend(["--setenv".into(), format!("{k}={v}")]);
         }
+        args.extend(props.iter().cloned());
         args.extend([
             bin.into(),
             "daemon".into(),
@@ -189,6 +200,32 @@ impl Host {
             !self.active(&self.unit)
         });
         self.h.systemctl(&["reset-failed", &self.unit]);
+    }
+
+    /// `id ARGS` (e.g. `-u USER`), trimmed.
+    pub fn id(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("id")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "id {args:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// `stat -c '%a %U %G %n'` of each path, one line each.
+    pub fn stat(&self, paths: &[PathBuf]) -> String {
+        let out = std::process::Command::new("stat")
+            .arg("-c")
+            .arg("%a %U %G %n")
+            .args(paths)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "stat: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn active(&self, unit: &str) -> bool {

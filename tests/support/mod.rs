@@ -50,6 +50,12 @@ pub struct Harness {
     pub ceph_pool: String,
     /// Ceph client id (without `client.`).
     pub ceph_client: String,
+    /// QEMU's own Ceph client id, limited to the pool.
+    pub ceph_qemu_client: String,
+    /// That client's bare key (root only).
+    pub ceph_qemu_key: PathBuf,
+    /// The system user VM units run QEMU as.
+    pub qemu_user: String,
     /// Test guest kernel.
     pub guest_kernel: PathBuf,
     /// Test guest initramfs.
@@ -91,6 +97,9 @@ impl Harness {
             ceph_conf: var("CEPH_CONF")?.into(),
             ceph_pool: var("VMKEEPER_CEPH_POOL")?,
             ceph_client: var("VMKEEPER_CEPH_CLIENT")?,
+            ceph_qemu_client: var("VMKEEPER_CEPH_QEMU_CLIENT")?,
+            ceph_qemu_key: var("VMKEEPER_CEPH_QEMU_KEY")?.into(),
+            qemu_user: var("VMKEEPER_QEMU_USER")?,
             guest_kernel: var("VMKEEPER_GUEST_KERNEL")?.into(),
             guest_initrd: var("VMKEEPER_GUEST_INITRD")?.into(),
             accel: var("VMKEEPER_QEMU_ACCEL")?,

@@ -259,6 +259,79 @@ fn type_errors_and_malformed_json_name_their_place() {
 }
 
 #[test]
+fn qemu_gets_its_own_user_and_ceph_client() {
+    let c = parse("{}").unwrap().config;
+    assert_eq!(c.qemu.user, "vmkeeper-qemu");
+    assert_eq!(c.ceph.qemu_client_id, "vmkeeper-qemu");
+    assert_eq!(c.ceph.qemu_key_file, None);
+    let p = problems(json!({
+        "qemu": { "user": "root" },
+        "ceph": { "clientId": "vmk", "qemuClientId": "vmk", "qemuKeyFile": "relative.key" },
+    }));
+    assert_eq!(
+        p,
+        [
+            "ceph.qemuClientId: \"vmk\" is the daemon's own client; QEMU gets a client of its own, limited to the pool",
+            "ceph.qemuKeyFile: \"relative.key\" must be an absolute path",
+            "qemu.user: QEMU never runs as root: name an unprivileged system user",
+        ]
+    );
+}
+
+#[test]
+fn nothing_can_inject_a_qemu_option() {
+    let p = problems(json!({
+        "runtimeDir": "/run/vmk,server=off",
+        "ceph": { "conf": "/etc/ceph/c=1.conf", "qemuKeyFile": "/k,format=raw" },
+        "qemu": { "machine": "q35,accel=kvm" },
+        "vms": {
+            "web01": vm(json!({ "network": { "bridge": "br0,script=/x", "macAddress": "52:54:00:00:00:01" } })),
+        },
+    }));
+    for path in [
+        "runtimeDir",
+        "ceph.conf",
+        "ceph.qemuKeyFile",
+        "qemu.machine",
+        "vms.web01.network.bridge",
+    ] {
+        assert!(
+            p.iter().any(|l| l.starts_with(&format!("{path}: "))),
+            "{path} not refused: {p:#?}"
+        );
+    }
+}
+
+#[test]
+fn two_vms_that_would_share_a_tap_device_are_refused() {
+    let net = |mac: &str| vm(json!({ "network": { "bridge": "br0", "macAddress": mac } }));
+    // Same first 6 characters and (by construction of this pair) the same 16-bit hash would
+    // be needed; names that fit need no hash and never collide.
+    assert!(
+        parse(
+            &json!({ "vms": { "web01": net("52:54:00:00:00:01"), "web02": net("52:54:00:00:00:02") } })
+                .to_string()
+        )
+        .is_ok()
+    );
+    let names: Vec<String> = (0..20_000).map(|i| format!("customer-{i}")).collect();
+    let mut seen = std::collections::BTreeMap::new();
+    let pair = names
+        .iter()
+        .find_map(|n| {
+            let tap = n.parse::<VmName>().unwrap().tap_name();
+            seen.insert(tap, n.clone()).map(|first| (first, n.clone()))
+        })
+        .expect("16 bits of hash collide within 20000 names");
+    let p = problems(json!({ "vms": {
+        pair.0.clone(): net("52:54:00:00:00:01"),
+        pair.1.clone(): net("52:54:00:00:00:02"),
+    } }));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].contains("would be the same as"), "{p:?}");
+}
+
+#[test]
 fn metrics_and_alertmanager_are_off_by_default_and_checked_when_given() {
     let c = parse("{}").unwrap().config;
     assert_eq!(c.metrics_listen, None);

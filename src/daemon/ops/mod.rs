@@ -22,7 +22,7 @@ use crate::exec::rbd::{Cluster, ClusterOptions, RbdError};
 use crate::exec::systemd::Systemd;
 use crate::model::{BaseImage, InvocationId, VmName};
 
-pub use qemu::{QemuStart, QemuStop};
+pub use qemu::{QemuStart, QemuStop, VmFiles};
 
 /// The QMP connection of a VM's current instance, as the connection task publishes it.
 #[derive(Debug, Clone)]

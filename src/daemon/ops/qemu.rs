@@ -1,14 +1,17 @@
 //! Starting, stopping and rebooting a VM's QEMU unit, and reading how a run ended.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use nix::unistd::{Gid, Uid, chown};
 use tracing::warn;
 
 use super::{Ctx, LinkRx, Report, Reporter, connection};
 use crate::events::Event;
+use crate::exec::peer;
 use crate::exec::systemd::{ActiveState, JobResult, MainExit, TransientService};
+use crate::exec::tap;
 use crate::failpoint;
 use crate::model::InvocationId;
 
@@ -21,13 +24,26 @@ const LINK_WAIT: Duration = Duration::from_secs(5);
 /// answering, the machine running).
 const READY_WAIT: Duration = Duration::from_secs(30);
 
+/// Where a VM's runtime files live and who may touch them.
+#[derive(Debug, Clone)]
+pub struct VmFiles {
+    /// `<runtimeDir>/vms`: root and QEMU's group may enter it, nobody else.
+    pub vms_dir: PathBuf,
+    /// The VM's directory: QEMU's user writes its sockets and console log there.
+    pub dir: PathBuf,
+    /// QEMU's user.
+    pub user: String,
+}
+
 /// How to start a VM's QEMU.
 #[derive(Debug)]
 pub struct QemuStart {
     /// The unit and its command line.
     pub service: TransientService,
-    /// Directories to create first.
-    pub dirs: Vec<PathBuf>,
+    /// The runtime directories to prepare first.
+    pub files: VmFiles,
+    /// The tap device to make and the bridge it joins.
+    pub tap: Option<(String, String)>,
     /// Files of an earlier QEMU to remove first (sockets it left).
     pub stale: Vec<PathBuf>,
     /// The VM's QMP connection, to see the new QEMU come up.
@@ -45,6 +61,8 @@ pub struct QemuStop {
     pub grace: Duration,
     /// The VM's QMP connection.
     pub link: LinkRx,
+    /// The VM's tap device, removed once QEMU is stopped (if there is one).
+    pub tap: String,
 }
 
 /// Starts QEMU: one slot of the host-wide bound, the unit, then waits until QEMU answers QMP
@@ -64,13 +82,10 @@ pub async fn start(
         .acquire()
         .await
         .context("the start bound is closed")?;
-    for d in &s.dirs {
-        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-    }
-    for f in &s.stale {
-        // A socket left by a dead QEMU would make the new one fail to bind.
-        let _ = std::fs::remove_file(f);
-    }
+    let (files, tap, stale) = (s.files.clone(), s.tap.clone(), s.stale.clone());
+    tokio::task::spawn_blocking(move || prepare(&files, tap.as_ref(), &stale))
+        .await
+        .context("preparing the VM's files panicked")??;
     let unit = &s.service.name;
     let _ = ctx.systemd.reset_failed(unit).await;
     if let Some(point) = before_job {
@@ -139,10 +154,58 @@ pub async fn stop(ctx: &Ctx, r: &Reporter, s: &QemuStop, points: Option<&str>) -
         }
     }
     let _ = ctx.systemd.reset_failed(&s.unit).await;
+    let tap_name = s.tap.clone();
+    match tokio::task::spawn_blocking(move || tap::remove(&tap_name)).await {
+        Ok(Ok(())) => {}
+        // A tap left behind is harmless: the next start makes it afresh.
+        Ok(Err(e)) => warn!(
+            message_id = Event::OperationFailed.message_id(),
+            vm = r.vm(),
+            "cannot remove the tap device {}: {e}",
+            s.tap
+        ),
+        Err(e) => warn!(vm = r.vm(), "removing the tap device panicked: {e}"),
+    }
     if let Some(p) = points {
         failpoint::hit(&format!("{p}:after-stopped"), r.vm()).await;
     }
     r.send(Report::Stopped { how });
+    Ok(())
+}
+
+/// Makes the VM's directories with their owners and modes, hands files an earlier QEMU left
+/// to QEMU's user (an upgrade from a QEMU that ran as root leaves a root-owned console log),
+/// removes stale sockets and makes the tap device.
+fn prepare(files: &VmFiles, tap: Option<&(String, String)>, stale: &[PathBuf]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let (uid, gid) = peer::user_ids(&files.user)
+        .with_context(|| format!("QEMU's user {} does not exist", files.user))?;
+    let (uid_, gid_) = (Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
+    let set = |path: &Path, mode: u32, owner: Option<Uid>, group: Option<Gid>| -> Result<()> {
+        chown(path, owner, group).with_context(|| format!("cannot chown {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot chmod {}", path.display()))
+    };
+    std::fs::create_dir_all(&files.dir)
+        .with_context(|| format!("cannot create {}", files.dir.display()))?;
+    set(&files.vms_dir, 0o750, Some(Uid::from_raw(0)), gid_)?;
+    set(&files.dir, 0o750, uid_, Some(Gid::from_raw(0)))?;
+    for f in stale {
+        // A socket left by a dead QEMU would make the new one fail to bind.
+        let _ = std::fs::remove_file(f);
+    }
+    for entry in std::fs::read_dir(&files.dir)
+        .with_context(|| format!("cannot read {}", files.dir.display()))?
+    {
+        let path = entry?.path();
+        if path.is_file() {
+            set(&path, 0o600, uid_, gid_)?;
+        }
+    }
+    if let Some((name, bridge)) = tap {
+        tap::create(name, bridge, uid, gid)
+            .with_context(|| format!("cannot make the tap device {name} on {bridge}"))?;
+    }
     Ok(())
 }
 
