@@ -110,6 +110,8 @@ fn declared(dir: &Path, n: usize) -> Res<(Config, State)> {
                 ip_addresses: vec![],
                 last_unplanned: None,
                 argv,
+                image_id: None,
+                generation: 1,
             },
         );
     }
@@ -152,11 +154,13 @@ async fn passes(sd: &Systemd, nsenter: &[String], scratch: &Path, counts: &[usiz
                     (vm.clone(), belief)
                 })
                 .collect(),
+            synced_flag: None,
         };
         let req = resync::Request {
             id: 1,
             full: false,
             vms: resync::observe(sd, &first).await?.beliefs(),
+            synced_flag: None,
         };
 
         let mut pass = Vec::new();

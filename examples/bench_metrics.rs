@@ -155,6 +155,8 @@ fn run(n: usize, root: &Path, bin: &str) -> Res<Row> {
                 ip_addresses: vec![],
                 last_unplanned: None,
                 argv: vec![],
+                image_id: None,
+                generation: 1,
             },
         );
     }

@@ -83,6 +83,18 @@ pub enum Request {
     /// Read the configuration again and apply it (as SIGHUP does); answered once what it
     /// started is done.
     Reload,
+    /// Take an existing image under a declared VM's name as that VM's disk (writes its owner
+    /// metadata): `vmkeeper adopt-disk`.
+    AdoptDisk {
+        /// The VM.
+        vm: crate::model::VmName,
+    },
+    /// Confirm the deletion of VMs removed from the configuration, held because more were
+    /// removed at once than `removal.maxAtOnce` allows: `vmkeeper confirm-removal`.
+    ConfirmRemoval {
+        /// The VMs.
+        vms: Vec<crate::model::VmName>,
+    },
 }
 
 impl Request {
@@ -95,7 +107,9 @@ impl Request {
             | Request::RunDue { .. }
             | Request::Delete { .. }
             | Request::CancelDeletion { .. }
-            | Request::Reload => true,
+            | Request::Reload
+            | Request::AdoptDisk { .. }
+            | Request::ConfirmRemoval { .. } => true,
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod localtime;
 pub mod maintenance;
 pub mod metrics;
 pub mod model;
+pub mod ownership;
 pub mod plan;
 pub mod render;
 pub mod state;

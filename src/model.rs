@@ -232,6 +232,9 @@ pub struct VmSpec {
     pub online: bool,
     /// Local date on which the VM is deleted.
     pub delete_at: Option<chrono::NaiveDate>,
+    /// Which VM of this name it is: 1 for the first; a name used again after its VM was
+    /// deleted needs a higher one, so an old declaration never recreates a deleted VM.
+    pub generation: u32,
     /// Addresses the VM owns.
     pub ip_addresses: Vec<IpAddr>,
     /// Base image to clone the disk from.

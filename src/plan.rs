@@ -131,6 +131,13 @@ pub enum Action {
         /// Why.
         reason: String,
     },
+    /// Record the addresses a VM now holds.
+    UpdateAddresses {
+        /// The VM.
+        vm: VmName,
+        /// Its addresses.
+        addresses: Vec<IpAddr>,
+    },
     /// Record a deletion.
     ScheduleDeletion {
         /// The VM.
@@ -275,6 +282,8 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// Destructive stages held back by an untrusted clock.
     pub held: Vec<Held>,
+    /// VMs removed from the configuration whose deletion waits for a confirmation.
+    pub awaiting_removal: Vec<VmName>,
 }
 
 /// Plans one step. Pure: the same inputs give the same plan.
@@ -296,6 +305,7 @@ pub fn plan(config: &Config, observed: &Observed, state: &State, now: DateTime<U
             reserved_names: vec![],
             warnings: vec![],
             held: vec![],
+            awaiting_removal: vec![],
         },
         taken: state
             .maintenances
@@ -306,9 +316,7 @@ pub fn plan(config: &Config, observed: &Observed, state: &State, now: DateTime<U
     for spec in config.vms.values() {
         p.declared(spec);
     }
-    for name in state.vms.keys().filter(|n| !config.vms.contains_key(*n)) {
-        p.undeclared(name);
-    }
+    p.removed();
     for (name, d) in &state.deletions {
         if !config.vms.contains_key(name) {
             p.timeline(name, &d.schedule(tz), &d.source, d.progress);
@@ -350,6 +358,25 @@ impl Planner<'_> {
 
     fn declared(&mut self, spec: &VmSpec) {
         let name = &spec.name;
+        if let Some(r) = self.state.released.get(name)
+            && spec.generation <= r.generation
+            && !self.state.vms.contains_key(name)
+        {
+            // A declaration older than the deletion never brings the VM back.
+            self.refuse(
+                name,
+                ".generation",
+                format!(
+                    "the name belonged to a VM deleted on {} (generation {}); this declaration \
+                     is older than that deletion, so nothing is created. To create a new VM of \
+                     that name, declare generation = {}",
+                    r.deleted_on,
+                    r.generation,
+                    r.generation + 1
+                ),
+            );
+            return;
+        }
         // A deletion decides first: it may hold the name, or stop the VM.
         if let Some(d) = self.state.deletions.get(name) {
             if !self.declared_with_deletion(spec, d) {
@@ -379,8 +406,18 @@ impl Planner<'_> {
                 }
             }
         }
-        if self.address_conflict(spec) && !self.state.vms.contains_key(name) {
-            return;
+        let conflict = self.address_conflict(spec);
+        match self.state.vms.get(name) {
+            // A new VM whose address is taken is not created.
+            None if conflict => return,
+            // An existing one keeps the addresses it holds until the new ones are free.
+            Some(r) if !conflict && r.ip_addresses != spec.ip_addresses => {
+                self.act(Action::UpdateAddresses {
+                    vm: name.clone(),
+                    addresses: spec.ip_addresses.clone(),
+                });
+            }
+            _ => {}
         }
         self.lifecycle(spec);
     }
@@ -450,8 +487,33 @@ impl Planner<'_> {
         !d.progress.has_done(Stage::Shutdown) && schedule.t() > self.now
     }
 
+    /// Whether one of the VM's declared addresses is held by another VM of the host that is
+    /// no longer declared (being deleted, or removed and awaiting confirmation); each such
+    /// address is refused. Declared VMs cannot share one (the configuration is checked).
     fn address_conflict(&mut self, spec: &VmSpec) -> bool {
         let mut conflict = false;
+        for (other, r) in &self.state.vms {
+            if *other == spec.name
+                || self.config.vms.contains_key(other)
+                || self.state.deletions.contains_key(other)
+            {
+                continue;
+            }
+            for ip in spec
+                .ip_addresses
+                .iter()
+                .filter(|ip| r.ip_addresses.contains(ip))
+            {
+                self.refuse(
+                    &spec.name,
+                    ".ipAddresses",
+                    format!(
+                        "{ip} is still held by {other}, which was removed from the configuration"
+                    ),
+                );
+                conflict = true;
+            }
+        }
         for (other, d) in &self.state.deletions {
             if *other == spec.name || d.progress.has_done(Stage::Purge) {
                 continue;
@@ -600,8 +662,16 @@ impl Planner<'_> {
             });
             return;
         }
-        if slot.end <= self.now {
-            // Missed (the host or daemon was down): never run outside a window.
+        // The contacts must have been told `announceAhead` before the slot: an announcement
+        // the hook has not taken by then (or took too late) moves the maintenance.
+        let deadline = m.slot_start - self.config.maintenance.announce_ahead;
+        let untold = match m.announced() {
+            Some(t) => t > deadline,
+            None => self.now > deadline,
+        };
+        if slot.end <= self.now || untold {
+            // Missed (the host or daemon was down), or not announced in time: never run
+            // outside a window, never unannounced.
             self.taken.retain(|s| *s != slot);
             self.schedule(name, running, declared, reasons, Some(slot));
             return;
@@ -668,11 +738,38 @@ impl Planner<'_> {
         });
     }
 
+    /// VMs that exist but are no longer declared are scheduled for deletion, unless more were
+    /// removed at once than the guard allows: then only those confirmed are, and the others
+    /// wait for a confirmation.
+    fn removed(&mut self) {
+        let removed: Vec<VmName> = self
+            .state
+            .vms
+            .keys()
+            .filter(|n| !self.config.vms.contains_key(*n) && !self.state.deletions.contains_key(*n))
+            .cloned()
+            .collect();
+        let guarded = removed.len() > self.config.removal.max_at_once;
+        for name in removed {
+            let confirmed = self.state.confirmed_removals.contains(&name)
+                || self.config.removal.confirmed.contains(&name);
+            if guarded && !confirmed {
+                self.plan.warnings.push(format!(
+                    "{name} was removed from the configuration, awaiting confirmation: more than \
+                     {} VMs were removed at once, so none is deleted until confirmed \
+                     (vmkeeper confirm-removal {name}, or removal.confirmed in the \
+                     configuration); declare it again to keep it",
+                    self.config.removal.max_at_once
+                ));
+                self.plan.awaiting_removal.push(name);
+                continue;
+            }
+            self.undeclared(&name);
+        }
+    }
+
     /// A VM that exists but is no longer declared: its deletion is scheduled, loudly.
     fn undeclared(&mut self, name: &VmName) {
-        if self.state.deletions.contains_key(name) {
-            return;
-        }
         let date = deletion::earliest_date(self.tz, self.now);
         let schedule = Schedule::new(self.tz, date);
         self.plan.warnings.push(format!(
@@ -703,6 +800,15 @@ impl Planner<'_> {
     ) {
         let date = schedule.date;
         let mut due = progress.due(schedule, self.now);
+        if self
+            .state
+            .deletions
+            .get(name)
+            .is_some_and(|d| d.announcement.is_some())
+        {
+            // The announcement waits for the hook; nothing follows until it is delivered.
+            due.clear();
+        }
         if let Some(why) = &self.observed.clock_untrusted {
             // A destructive stage waits for a clock that can be trusted.
             for stage in due.iter().filter(|s| s.destructive()) {

@@ -49,6 +49,13 @@ pub struct State {
     /// The id the next notification gets.
     #[serde(default)]
     pub next_notice: u64,
+    /// Names of deleted VMs, with the generation deleted.
+    #[serde(default)]
+    pub released: BTreeMap<VmName, Released>,
+    /// VMs removed from the configuration whose deletion an operator confirmed (when more
+    /// were removed at once than the guard allows).
+    #[serde(default)]
+    pub confirmed_removals: std::collections::BTreeSet<VmName>,
     /// Alertmanager silences created for monitoring downtimes, with their ids, so that a
     /// restart neither creates one twice nor forgets one it must remove.
     #[serde(default)]
@@ -66,6 +73,8 @@ impl Default for State {
             boot_id: None,
             outbox: Vec::new(),
             next_notice: 1,
+            released: BTreeMap::new(),
+            confirmed_removals: Default::default(),
             silences: Vec::new(),
         }
     }
@@ -108,6 +117,31 @@ pub struct VmRecord {
     /// differ now (new QEMU, new vmkeeper) needs a maintenance reboot.
     #[serde(default)]
     pub argv: Vec<String>,
+    /// The RBD id of its image (stable across a move to the trash): the purge trashes and
+    /// delete-backups deletes this image and no other.
+    #[serde(default)]
+    pub image_id: Option<String>,
+    /// Which VM of this name it is (`vms.<name>.generation`): a name used again after a
+    /// deletion is a new VM only with a higher generation.
+    #[serde(default = "first_generation")]
+    pub generation: u32,
+}
+
+fn first_generation() -> u32 {
+    1
+}
+
+/// A name whose VM was deleted and released: kept so that a declaration older than the
+/// deletion never creates it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Released {
+    /// The date T of its deletion.
+    pub deleted_on: NaiveDate,
+    /// The generation of the VM that was deleted.
+    pub generation: u32,
+    /// When the name was released.
+    pub released_at: DateTime<Utc>,
 }
 
 /// What kind of stop or reset vmkeeper did not plan.
@@ -198,6 +232,9 @@ pub enum Reason {
     },
 }
 
+/// How late the hook may take an announcement and it still counts as made when decided.
+pub const DELIVERY_GRACE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
 /// An announced maintenance reboot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -208,8 +245,29 @@ pub struct Maintenance {
     pub slot_start: DateTime<Utc>,
     /// Slot end.
     pub slot_end: DateTime<Utc>,
-    /// When it was announced.
+    /// When it was decided and handed to the hook.
     pub announced_at: DateTime<Utc>,
+    /// The announcement waiting for the hook; `None` once delivered (or for a maintenance
+    /// recorded before deliveries were tracked).
+    #[serde(default)]
+    pub notice: Option<u64>,
+    /// When the hook took the announcement.
+    #[serde(default)]
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+impl Maintenance {
+    /// When its announcement reached the contacts: `None` while it waits for the hook. A
+    /// hook that took it within [`DELIVERY_GRACE`] of the decision delivered it then (the
+    /// slot was picked `announceAhead` from the decision).
+    pub fn announced(&self) -> Option<DateTime<Utc>> {
+        match (self.notice, self.delivered_at) {
+            (_, Some(t)) if t - self.announced_at <= DELIVERY_GRACE => Some(self.announced_at),
+            (_, Some(t)) => Some(t),
+            (None, None) => Some(self.announced_at),
+            (Some(_), None) => None,
+        }
+    }
 }
 
 /// Who asked for a deletion.
@@ -260,6 +318,12 @@ pub struct Deletion {
     /// it has.
     #[serde(default)]
     pub announcement: Option<u64>,
+    /// When the stage in `stage_started` began (the instant it was planned for).
+    #[serde(default)]
+    pub stage_started_at: Option<DateTime<Utc>>,
+    /// The generation of the VM being deleted.
+    #[serde(default = "first_generation")]
+    pub generation: u32,
 }
 
 impl Deletion {
@@ -565,6 +629,8 @@ mod tests {
                     instance: Some(instance.clone()),
                 }),
                 argv: vec![],
+                image_id: None,
+                generation: 1,
             },
         );
         s.intents.insert(

@@ -303,8 +303,9 @@ fn a_cli_deletion_is_announced_shuts_down_and_a_cancel_brings_the_vm_back() {
     run_due(&host, at(&s, Stage::Shutdown) + TimeDelta::hours(1));
     assert!(!host.active(&Host::vm_unit(vm)));
 
-    // At T+3 days a cancel is too late, and says when the backups go.
-    let purge = s.at(Stage::Purge).with_timezone(&Utc);
+    // At T+3 days after the shutdown really ran (T + 1 min here) a cancel is too late, and
+    // says when the backups go.
+    let purge = at(&s, Stage::Purge);
     let o = vmk(&host, &["cancel-deletion", vm, "--now", &iso(purge)]);
     assert!(!o.status.success());
     let backups = s.date_of(Stage::DeleteBackups);
@@ -487,7 +488,7 @@ fn a_configured_deletion_runs_to_the_end_and_a_crash_in_the_purge_finishes_it_on
         done[0]["REASON"]
             .as_str()
             .unwrap()
-            .starts_with("2 snapshot(s) and 1 trashed image(s)"),
+            .starts_with("2 snapshot(s) and the trashed image "),
         "{:?}",
         done[0]["REASON"]
     );
@@ -509,6 +510,15 @@ fn a_configured_deletion_runs_to_the_end_and_a_crash_in_the_purge_finishes_it_on
     run_due(&host, at(&s, Stage::ReleaseName));
     assert_eq!(host.stage_done(vm, "release-name").len(), 1);
     assert!(host.state_json()["deletions"].get(vm).is_none());
+    // The old declaration does not bring the deleted VM back; a new one of that name says
+    // it is a new VM.
+    let plan = plan_with(&host, &again, at(&s, Stage::ReleaseName));
+    let refused = refusals_of(&plan, vm);
+    assert!(
+        refused.len() == 1 && refused[0].contains("declare generation = 2"),
+        "{refused:?}"
+    );
+    again["vms"][vm]["generation"] = json!(2);
     let plan = plan_with(&host, &again, at(&s, Stage::ReleaseName));
     assert!(refusals_of(&plan, vm).is_empty());
     assert!(

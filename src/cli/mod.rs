@@ -122,6 +122,23 @@ enum Command {
         #[arg(long, value_parser = instant)]
         now: Option<DateTime<Utc>>,
     },
+    /// Take the existing RBD image under a declared VM's name as that VM's disk: vmkeeper never
+    /// uses an image it did not create unless told so (root and the authorized group).
+    AdoptDisk {
+        /// The VM.
+        name: VmName,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Confirm the deletion of VMs removed from the configuration, held because more were
+    /// removed at once than `removal.maxAtOnce` allows (root and the authorized group).
+    ConfirmRemoval {
+        /// The VMs.
+        #[arg(required = true)]
+        names: Vec<VmName>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
     /// List the next maintenance windows as instants with UTC offsets.
     Windows {
         /// The JSON configuration.
@@ -249,6 +266,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         s["stage"].as_str().unwrap_or("?"),
                         s["at"].as_str().unwrap_or("?")
                     );
+                }
+            })
+        }
+        Command::AdoptDisk { name, daemon } => {
+            with_daemon(daemon, &Request::AdoptDisk { vm: name.clone() }, |_| {
+                println!("the image of {name} is adopted as its disk; the VM takes it next");
+            })
+        }
+        Command::ConfirmRemoval { names, daemon } => {
+            let req = Request::ConfirmRemoval { vms: names.clone() };
+            with_daemon(daemon, &req, |_| {
+                for n in &names {
+                    println!("{n}: removal confirmed, its deletion is scheduled");
                 }
             })
         }

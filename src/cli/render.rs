@@ -228,6 +228,14 @@ fn action(a: &Action) -> String {
         Action::CancelMaintenance { vm, reason } => {
             format!("{vm}: cancel maintenance ({reason}), announce")
         }
+        Action::UpdateAddresses { vm, addresses } => format!(
+            "{vm}: holds addresses [{}] now",
+            addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         Action::ScheduleDeletion { vm, date, .. } => format!("{vm}: schedule deletion on {date}"),
         Action::CancelDeletion { vm, reason } => format!("{vm}: cancel deletion ({reason})"),
         Action::RunDeletionStage { vm, stage } => format!("{vm}: run deletion stage {stage}"),

@@ -25,6 +25,8 @@ pub struct RawConfig {
     pub qemu: Option<Value>,
     pub metrics: Option<Value>,
     pub monitoring: Option<Value>,
+    pub removal: Option<Value>,
+    pub clock: Option<Value>,
     pub vms: Option<BTreeMap<String, Value>>,
     #[serde(flatten)]
     pub unknown: Unknown,
@@ -43,6 +45,8 @@ pub const CONFIG_KEYS: &[&str] = &[
     "qemu",
     "metrics",
     "monitoring",
+    "removal",
+    "clock",
     "vms",
 ];
 
@@ -147,6 +151,28 @@ pub struct RawMetrics {
 pub const METRICS_KEYS: &[&str] = &["listen"];
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawRemoval {
+    pub max_at_once: Option<i64>,
+    pub confirmed: Option<Vec<String>>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+pub const REMOVAL_KEYS: &[&str] = &["maxAtOnce", "confirmed"];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawClock {
+    pub require_sync: Option<bool>,
+    pub synced_flag: Option<String>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+pub const CLOCK_KEYS: &[&str] = &["requireSync", "syncedFlag"];
+
+#[derive(Debug, Default, Deserialize)]
 pub struct RawMonitoring {
     pub alertmanager: Option<RawAlertmanager>,
     #[serde(flatten)]
@@ -178,6 +204,7 @@ pub struct RawVm {
     pub online: Option<bool>,
     #[serde(rename = "deleteAt")]
     pub delete_at: Option<String>,
+    pub generation: Option<i64>,
     #[serde(rename = "ipAddresses")]
     pub ip_addresses: Option<Vec<String>>,
     pub image: Option<RawImage>,
@@ -195,6 +222,7 @@ pub const VM_KEYS: &[&str] = &[
     "allowHugeDisk",
     "online",
     "deleteAt",
+    "generation",
     "ipAddresses",
     "image",
     "network",

@@ -43,8 +43,32 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The Alertmanager that gets the monitoring downtimes as silences, if any.
     pub alertmanager: Option<AlertmanagerConfig>,
+    /// The guard against one deploy removing many VMs.
+    pub removal: RemovalGuard,
+    /// When the clock counts as right for destructive stages.
+    pub clock: ClockConfig,
     /// Declared VMs.
     pub vms: BTreeMap<VmName, VmSpec>,
+}
+
+/// At most `max_at_once` VMs are scheduled for deletion because they were removed from the
+/// configuration in one change; more are held until confirmed (here or with `vmkeeper
+/// confirm-removal`). One accidental deploy must not shut down a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemovalGuard {
+    /// The most removals scheduled at once without confirmation.
+    pub max_at_once: usize,
+    /// Removals confirmed in the configuration.
+    pub confirmed: std::collections::BTreeSet<VmName>,
+}
+
+/// The clock check before destructive deletion stages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClockConfig {
+    /// Whether destructive stages wait for a synchronized clock.
+    pub require_sync: bool,
+    /// The file whose existence says the clock is synchronized (systemd-timesyncd's).
+    pub synced_flag: PathBuf,
 }
 
 impl Config {

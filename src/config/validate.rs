@@ -35,6 +35,9 @@ pub const DEFAULT_CONCURRENT_STARTS: i64 = 4;
 pub const DEFAULT_QEMU_USER: &str = "vmkeeper-qemu";
 /// QEMU's Ceph client by default.
 pub const DEFAULT_QEMU_CLIENT: &str = "vmkeeper-qemu";
+/// VMs scheduled for deletion at once for being removed from the configuration, without
+/// confirmation.
+pub const DEFAULT_REMOVALS_AT_ONCE: i64 = 3;
 /// Largest disk, in GiB (1 PiB): far beyond any sane block device, and keeps byte sizes in u64.
 pub const MAX_DISK_GIB: i64 = 1 << 20;
 
@@ -218,6 +221,8 @@ pub fn parse(text: &str) -> Result<Checked, Vec<Problem>> {
     let ceph = ceph(&mut v, raw.ceph);
     let qemu = qemu(&mut v, raw.qemu);
     let metrics_listen = metrics(&mut v, raw.metrics);
+    let removal = removal(&mut v, raw.removal);
+    let clock = clock(&mut v, raw.clock);
     let alertmanager = monitoring(&mut v, raw.monitoring);
 
     let mut vms = BTreeMap::new();
@@ -269,6 +274,8 @@ pub fn parse(text: &str) -> Result<Checked, Vec<Problem>> {
         ceph,
         qemu,
         metrics_listen,
+        removal,
+        clock,
         alertmanager,
         vms,
     };
@@ -571,6 +578,38 @@ fn qemu(v: &mut Validator, raw: Option<Value>) -> QemuConfig {
     }
 }
 
+fn removal(v: &mut Validator, raw: Option<Value>) -> super::RemovalGuard {
+    let raw: RawRemoval = v.section("removal", raw).unwrap_or_default();
+    v.unknown("removal", &raw.unknown, REMOVAL_KEYS);
+    let max = raw.max_at_once.unwrap_or(DEFAULT_REMOVALS_AT_ONCE);
+    v.range("removal.maxAtOnce", max, 0, 100_000);
+    let mut confirmed = std::collections::BTreeSet::new();
+    for (i, name) in raw.confirmed.unwrap_or_default().iter().enumerate() {
+        match name.parse::<VmName>() {
+            Ok(n) => {
+                confirmed.insert(n);
+            }
+            Err(e) => v.err(format!("removal.confirmed[{i}]"), format!("name {e}")),
+        }
+    }
+    super::RemovalGuard {
+        max_at_once: usize::try_from(max.max(0)).unwrap_or(0),
+        confirmed,
+    }
+}
+
+fn clock(v: &mut Validator, raw: Option<Value>) -> super::ClockConfig {
+    let raw: RawClock = v.section("clock", raw).unwrap_or_default();
+    v.unknown("clock", &raw.unknown, CLOCK_KEYS);
+    let flag = raw
+        .synced_flag
+        .unwrap_or_else(|| "/run/systemd/timesync/synchronized".to_owned());
+    super::ClockConfig {
+        require_sync: raw.require_sync.unwrap_or(true),
+        synced_flag: v.abs_path("clock.syncedFlag", &flag),
+    }
+}
+
 fn metrics(v: &mut Validator, raw: Option<Value>) -> Option<std::net::SocketAddr> {
     let raw: RawMetrics = v.section("metrics", raw).unwrap_or_default();
     v.unknown("metrics", &raw.unknown, METRICS_KEYS);
@@ -808,6 +847,16 @@ fn vm(v: &mut Validator, path: &str, raw: RawVm, claims: &mut Claims) -> Option<
         allow_huge_disk,
         online: raw.online.unwrap_or(true),
         delete_at,
+        generation: {
+            let g = raw.generation.unwrap_or(1);
+            if !(1..=i64::from(u32::MAX)).contains(&g) {
+                v.err(
+                    format!("{path}.generation"),
+                    format!("{g} must be 1 or more"),
+                );
+            }
+            u32::try_from(g.max(1)).unwrap_or(1)
+        },
         ip_addresses,
         image,
         network,

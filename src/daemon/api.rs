@@ -82,6 +82,16 @@ impl Daemon {
                     Err(e) => e,
                 }
             }
+            Request::AdoptDisk { vm } => {
+                audit(caller, "adopt-disk", Some(&vm));
+                return self.api_adopt(&vm, caller, reply);
+            }
+            Request::ConfirmRemoval { vms } => {
+                for vm in &vms {
+                    audit(caller, "confirm-removal", Some(vm));
+                }
+                self.api_confirm_removal(&vms)
+            }
             Request::Reload => {
                 audit(caller, "reload", None);
                 return self.load_config(Some(reply));
@@ -132,6 +142,56 @@ impl Daemon {
             serde_json::json!({ "rebooted": vm }),
             reply,
         );
+    }
+
+    /// `adopt-disk NAME`: marks an existing image as a declared VM's own, so that its next
+    /// create takes it.
+    fn api_adopt(&mut self, vm: &VmName, caller: &Caller, reply: oneshot::Sender<Response>) {
+        let refusal = if !self.config.vms.contains_key(vm) {
+            Some(format!("no VM named {vm} is declared"))
+        } else if self.state.vms.contains_key(vm) {
+            Some(format!("{vm} has its disk already"))
+        } else if self.slot(vm).busy() {
+            Some(format!("{vm} is busy; try again when it is done"))
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            let _ = reply.send(Response::Error(r));
+            return;
+        }
+        let mut disk = self.disk(vm, Utc::now());
+        disk.owner.adopted_by = Some(caller.name());
+        let id = self.spawn_op(
+            vm,
+            crate::supervisor::OpKind::Create,
+            super::ops::Job::Adopt { disk },
+        );
+        self.wait_for(vec![id], serde_json::json!({ "adopted": vm }), reply);
+    }
+
+    /// `confirm-removal NAME...`: the named VMs, removed from the configuration, may be
+    /// deleted although more were removed at once than the guard allows.
+    fn api_confirm_removal(&mut self, vms: &[VmName]) -> Response {
+        let awaiting: Vec<VmName> = self
+            .last_plan
+            .as_ref()
+            .map(|p| p.awaiting_removal.clone())
+            .unwrap_or_default();
+        if let Some(vm) = vms.iter().find(|vm| !awaiting.contains(vm)) {
+            return Response::Error(format!(
+                "{vm} is not awaiting a confirmation of its removal (awaiting: [{}])",
+                awaiting
+                    .iter()
+                    .map(VmName::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        self.state.confirmed_removals.extend(vms.iter().cloned());
+        self.changed();
+        self.dirty_pass();
+        Response::Ok(serde_json::json!({ "confirmed": vms }))
     }
 
     /// The instant a request is judged as of: the clock, or `--now` from root on a daemon

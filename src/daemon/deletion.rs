@@ -12,8 +12,7 @@ use crate::deletion::{self, Progress, Schedule, Stage};
 use crate::events::Event as Journal;
 use crate::localtime::rfc3339;
 use crate::model::VmName;
-use crate::render;
-use crate::state::{Actor, Deletion, DeletionSource, Intent, StopReason};
+use crate::state::{Actor, Deletion, DeletionSource, Intent, Released, StopReason};
 use crate::supervisor::OpKind;
 
 impl Daemon {
@@ -32,6 +31,7 @@ impl Daemon {
             .or_else(|| self.config.vms.get(vm).map(|s| s.ip_addresses.clone()))
             .unwrap_or_default();
         let moved_from = self.state.deletions.get(vm).map(|d| d.date);
+        self.state.confirmed_removals.remove(vm);
         self.state.deletions.insert(
             vm.clone(),
             Deletion {
@@ -45,6 +45,14 @@ impl Daemon {
                 done_at: Default::default(),
                 trashed_image: None,
                 announcement: None,
+                stage_started_at: None,
+                generation: self
+                    .state
+                    .vms
+                    .get(vm)
+                    .map(|r| r.generation)
+                    .or_else(|| self.config.vms.get(vm).map(|s| s.generation))
+                    .unwrap_or(1),
             },
         );
         self.changed();
@@ -86,6 +94,11 @@ impl Daemon {
         if d.progress.has_done(Stage::Purge) || d.stage_started == Some(Stage::Purge) {
             return;
         }
+        // The VM holds again the addresses its deletion held.
+        let held = d.ip_addresses.clone();
+        if let Some(r) = self.state.vms.get_mut(vm) {
+            r.ip_addresses = held;
+        }
         let text = format!("deletion cancelled: {reason}; the VM is kept as it was");
         journal(Journal::Deletion, vm, "cancel-deletion", reason, &text);
         // Told while the deletion is still on record, so the hook sees its dates.
@@ -111,8 +124,10 @@ impl Daemon {
         {
             return None;
         }
+        let tz = self.config.timezone;
         let d = self.state.deletions.get_mut(vm)?;
-        if d.progress.has_done(stage) {
+        if d.progress.has_done(stage) || d.announcement.is_some() {
+            // Done, or the announcement waits for the hook.
             return None;
         }
         if let Err(e) = d.progress.complete(stage) {
@@ -124,6 +139,16 @@ impl Daemon {
             return None;
         }
         d.stage_started = Some(stage);
+        d.stage_started_at = Some(now);
+        // The trashed image is deferred until its delete-backups date, as it will be once
+        // the purge ran now, so no outside `rbd trash purge` takes it early.
+        let mut done = d.done_at.clone();
+        done.insert(Stage::Purge, now);
+        let backups = d.schedule(tz).with_done(&done).at(Stage::DeleteBackups);
+        let defer = (backups.with_timezone(&Utc) - now)
+            .to_std()
+            .unwrap_or_default();
+        let trashed = d.trashed_image.clone();
         let kind = OpKind::Stage(stage);
         let stop = if kind.stops() && self.slot(vm).sup.unit.is_up() {
             let stop = self.qemu_stop(vm);
@@ -144,56 +169,63 @@ impl Daemon {
         let job = Job::Stage {
             stage,
             stop,
-            pool: self.config.ceph.pool.clone(),
-            image: render::image_name(vm).to_owned(),
+            disk: self.disk(vm, now),
+            defer,
+            image_id: self.state.vms.get(vm).and_then(|r| r.image_id.clone()),
+            trashed,
         };
         Some(self.spawn_durable(vm, kind, job))
     }
 
-    /// A stage's act is done: record it, then say what was done.
+    /// A stage's act is done: record it (the announcement once the hook took it), then say
+    /// what was done, and which later dates moved because it ran late.
     pub(super) fn stage_done(
         &mut self,
         vm: &VmName,
         stage: Stage,
         acted: &str,
+        trashed: Option<String>,
         now: DateTime<Utc>,
     ) {
+        if matches!(stage, Stage::Shutdown | Stage::Purge)
+            && matches!(
+                self.state.intents.get(vm),
+                Some(Intent::Stop {
+                    reason: StopReason::Deletion { .. },
+                    ..
+                })
+            )
+        {
+            self.state.intents.remove(vm);
+        }
+        if stage == Stage::Announce {
+            self.announce_deletion(vm, now);
+            return;
+        }
         let tz = self.config.timezone;
         let Some(d) = self.state.deletions.get_mut(vm) else {
             return;
         };
-        let schedule = Schedule::new(tz, d.date);
         let Ok(next) = d.progress.complete(stage) else {
             return;
         };
         d.progress = next;
         d.stage_started = None;
+        d.done_at
+            .insert(stage, d.stage_started_at.take().unwrap_or(now));
+        let schedule = d.schedule(tz);
         let mut what = vec![];
         if !acted.is_empty() {
             what.push(acted.to_owned());
         }
         match stage {
-            Stage::Announce => {
-                let t = schedule.t().with_timezone(&Utc);
-                d.downtime_from = Some(t);
-                let dates = Stage::ALL
-                    .iter()
-                    .map(|s| format!("{s} {}", rfc3339(schedule.at(*s))))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                what.push(format!(
-                    "VM {vm} is deleted on {}; monitoring downtime from {}; stages: {dates}; \
-                     cancellable until {}",
-                    schedule.date,
-                    rfc3339(t.with_timezone(&tz)),
-                    rfc3339(schedule.at(Stage::Purge))
-                ));
-            }
+            Stage::Announce => {}
             Stage::Shutdown => what.push(format!(
                 "disk, addresses and records kept until {}",
                 rfc3339(schedule.at(Stage::Purge))
             )),
             Stage::Purge => {
+                d.trashed_image = trashed;
                 let ips = std::mem::take(&mut d.ip_addresses)
                     .iter()
                     .map(ToString::to_string)
@@ -207,38 +239,35 @@ impl Daemon {
                 self.state.maintenances.remove(vm);
             }
             Stage::DeleteBackups => {}
-            Stage::ReleaseName => what.push(format!(
-                "deletion notice removed; the name is free again (it was deleted as of {}, now {})",
-                schedule.date,
-                rfc3339(now.with_timezone(&tz))
-            )),
+            Stage::ReleaseName => {
+                what.push(format!(
+                    "deletion notice removed; the name is free again (it was deleted as of {}, \
+                     now {})",
+                    schedule.date,
+                    rfc3339(now.with_timezone(&tz))
+                ));
+                let released = Released {
+                    deleted_on: d.date,
+                    generation: d.generation,
+                    released_at: now,
+                };
+                self.state.released.insert(vm.clone(), released);
+            }
         }
-        if matches!(stage, Stage::Shutdown | Stage::Purge)
-            && matches!(
-                self.state.intents.get(vm),
-                Some(Intent::Stop {
-                    reason: StopReason::Deletion { .. },
-                    ..
-                })
-            )
-        {
-            self.state.intents.remove(vm);
+        let moved: Vec<String> = Stage::ALL
+            .into_iter()
+            .filter(|s| *s > stage && schedule.moved(*s))
+            .map(|s| format!("{s} now {}", rfc3339(schedule.at(s))))
+            .collect();
+        if !moved.is_empty() {
+            what.push(format!(
+                "this stage ran late, so the later ones keep their spacing from it: {}",
+                moved.join(", ")
+            ));
         }
         let what = what.join("; ");
-        info!(
-            message_id = Journal::Deletion.message_id(),
-            vm = vm.as_str(),
-            action = "deletion-stage",
-            reason = what.as_str(),
-            planned = true,
-            stage = stage.as_str(),
-            "deletion stage {stage} done: {what}"
-        );
-        let action = match stage {
-            Stage::Announce => "deletion-announce".to_owned(),
-            s => format!("deletion-{s}"),
-        };
-        self.notify_deletion(vm, &action, &what, now);
+        self.stage_journal(vm, stage, &what);
+        self.notify_deletion(vm, &format!("deletion-{stage}"), &what, now);
         if stage == Stage::ReleaseName {
             self.state.deletions.remove(vm);
             self.vms.remove(vm);
@@ -248,9 +277,96 @@ impl Daemon {
         self.changed();
     }
 
+    /// The T − 5 announcement goes to the hook; the stage counts as done once the hook took
+    /// it ([`Daemon::announcement_delivered`]).
+    fn announce_deletion(&mut self, vm: &VmName, now: DateTime<Utc>) {
+        let tz = self.config.timezone;
+        let Some(d) = self.state.deletions.get(vm) else {
+            return;
+        };
+        let schedule = d.schedule(tz);
+        let t = schedule.t();
+        let dates = Stage::ALL
+            .iter()
+            .map(|s| format!("{s} {}", rfc3339(schedule.at(*s))))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let what = format!(
+            "VM {vm} is deleted on {}; monitoring downtime from {}; stages: {dates}; \
+             cancellable until {}",
+            schedule.date,
+            rfc3339(t),
+            rfc3339(schedule.at(Stage::Purge))
+        );
+        // The downtime is what the announcement promises: recorded with it.
+        if let Some(d) = self.state.deletions.get_mut(vm) {
+            d.downtime_from = Some(t.with_timezone(&Utc));
+        }
+        let id = self.notify_deletion(vm, "deletion-announce", &what, now);
+        if let Some(d) = self.state.deletions.get_mut(vm) {
+            d.announcement = Some(id);
+        }
+        journal(
+            Journal::Deletion,
+            vm,
+            "deletion-announcing",
+            &what,
+            "deletion announcement handed to the hook; the stage counts once it is delivered",
+        );
+        self.changed();
+    }
+
+    /// The hook took notification `id`: if it was a deletion's announcement, the announce
+    /// stage is done now, and the monitoring downtime recorded.
+    pub(super) fn announcement_delivered(&mut self, id: u64, now: DateTime<Utc>) {
+        let tz = self.config.timezone;
+        let Some((vm, d)) = self
+            .state
+            .deletions
+            .iter_mut()
+            .find(|(_, d)| d.announcement == Some(id))
+        else {
+            return;
+        };
+        let vm = vm.clone();
+        let Ok(next) = d.progress.complete(Stage::Announce) else {
+            return;
+        };
+        d.progress = next;
+        d.announcement = None;
+        d.stage_started = None;
+        d.done_at
+            .insert(Stage::Announce, d.stage_started_at.take().unwrap_or(now));
+        let t = d.schedule(tz).t();
+        let what = format!(
+            "announcement delivered to the contacts; monitoring downtime from {}",
+            rfc3339(t)
+        );
+        self.stage_journal(&vm, Stage::Announce, &what);
+        self.changed();
+    }
+
+    fn stage_journal(&self, vm: &VmName, stage: Stage, what: &str) {
+        info!(
+            message_id = Journal::Deletion.message_id(),
+            vm = vm.as_str(),
+            action = "deletion-stage",
+            reason = what,
+            planned = true,
+            stage = stage.as_str(),
+            "deletion stage {stage} done: {what}"
+        );
+    }
+
     /// The hook's event for a deletion carries its date, every stage's instant, and the
     /// downtime once announced.
-    fn notify_deletion(&mut self, vm: &VmName, action: &str, reason: &str, now: DateTime<Utc>) {
+    fn notify_deletion(
+        &mut self,
+        vm: &VmName,
+        action: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> u64 {
         let tz = self.config.timezone;
         let mut event = self.hook_event(Journal::Deletion, vm, action, reason, true, now);
         if let Some(d) = self.state.deletions.get(vm) {
@@ -260,8 +376,9 @@ impl Daemon {
             });
             event["deletion"] = v;
         }
-        self.state.enqueue(event, now);
+        let id = self.state.enqueue(event, now);
         self.changed();
+        id
     }
 
     /// `vmkeeper delete NAME --at DATE`.

@@ -34,6 +34,9 @@ use crate::supervisor::{Decision, Link, OpKind, Supervisor};
 pub const TICK: Duration = Duration::from_secs(60);
 /// Every this many ticks the look reads every unit's details (instances), not just the list.
 const FULL_EVERY: u32 = 10;
+/// A forward jump of the wall clock against the monotonic one larger than this makes the
+/// clock untrusted for one pass.
+const CLOCK_JUMP: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 /// How long an operation waits for its intent to reach the disk before it is given up.
 const PERSIST_WAIT: Duration = Duration::from_secs(60);
 
@@ -121,7 +124,12 @@ struct Waiter {
     rerun: Option<(DateTime<Utc>, u32)>,
     /// Answer only once the state is on disk (what the command changed is the state).
     durable: bool,
+    /// When the caller began waiting.
+    since: Instant,
 }
+
+/// How long `run-due` waits for the hook to take a deletion announcement it made.
+const ANNOUNCEMENT_WAIT: Duration = Duration::from_secs(30);
 
 /// Rounds of `run-due`: each stage or reboot it starts may make another one due.
 const MAX_ROUNDS: u32 = 20;
@@ -190,6 +198,16 @@ pub(super) struct Daemon {
     silences_tx: watch::Sender<SilencePlan>,
     /// `createdBy` of this daemon's silences.
     pub silence_creator: String,
+    /// This host's name, for owner records.
+    pub hostname: String,
+    /// Whether the clock was known to be synchronized at the last look.
+    pub clock_synced: bool,
+    /// The wall clock and the monotonic clock at the last pass, to notice a jump.
+    clocks: (DateTime<Utc>, Instant),
+    /// The wall clock jumped forward by this much before this pass.
+    clock_jump: Option<chrono::TimeDelta>,
+    /// Held destructive stages already said in the journal.
+    announced_holds: BTreeSet<String>,
     /// Since when, and why, Alertmanager cannot be reached (for `status` and the metrics).
     pub alertmanager_error: Option<(DateTime<Utc>, String)>,
     /// Counts per VM since the daemon started, for the metrics.
@@ -222,6 +240,9 @@ impl Daemon {
         let exe = std::env::current_exe()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "vmkeeper".into());
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "?".into());
         Daemon {
             config_path,
             config,
@@ -256,12 +277,12 @@ impl Daemon {
                 config_abs.display().to_string(),
             ],
             silences_tx: ch.silences_tx,
-            silence_creator: format!(
-                "vmkeeper on {}",
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_owned())
-                    .unwrap_or_else(|_| "?".into())
-            ),
+            silence_creator: format!("vmkeeper on {hostname}"),
+            hostname,
+            clock_synced: true,
+            clocks: (Utc::now(), Instant::now()),
+            clock_jump: None,
+            announced_holds: BTreeSet::new(),
             alertmanager_error: None,
             counters: BTreeMap::new(),
             histograms: Histograms::default(),
@@ -273,7 +294,9 @@ impl Daemon {
         loop {
             if self.dirty {
                 self.dirty = false;
+                self.watch_clock();
                 self.pass(Utc::now());
+                self.clock_jump = None;
             }
             self.flush();
             let wake = self.next_wake();
@@ -296,6 +319,26 @@ impl Daemon {
 
     pub(super) fn changed(&mut self) {
         self.durability.generation += 1;
+    }
+
+    /// Notices the wall clock jumping forward against the monotonic clock (a late NTP step,
+    /// an operator's `date -s`): the pass right after such a jump runs no destructive stage.
+    fn watch_clock(&mut self) {
+        let (wall, mono) = (Utc::now(), Instant::now());
+        let (last_wall, last_mono) = self.clocks;
+        let elapsed = chrono::TimeDelta::from_std(mono - last_mono).unwrap_or_default();
+        let jump = (wall - last_wall) - elapsed;
+        if jump > CLOCK_JUMP {
+            warn!(
+                message_id = Journal::OperationFailed.message_id(),
+                action = "clock",
+                "the wall clock jumped forward by {} s against the monotonic clock; no \
+                 destructive deletion stage runs in this pass",
+                jump.num_seconds()
+            );
+            self.clock_jump = Some(jump);
+        }
+        self.clocks = (wall, mono);
     }
 
     /// Asks for a pass once the current events are handled.
@@ -376,6 +419,12 @@ impl Daemon {
                     .chain(s.waiting.as_ref().map(|w| w.since + w.timeout))
             })
             .chain(self.parked.iter().map(|p| p.deadline))
+            .chain(
+                self.waiters
+                    .iter()
+                    .filter(|w| w.ops.is_empty())
+                    .map(|w| w.since + ANNOUNCEMENT_WAIT),
+            )
             .filter(|t| *t > Instant::now())
             .fold(self.next_tick, Instant::min)
     }
@@ -426,6 +475,7 @@ impl Daemon {
             Event::PersistFailed { generation, error } => self.persist_failed(generation, &error),
             Event::Delivered { id } => {
                 self.state.outbox.retain(|n| n.id != id);
+                self.delivered(id, Utc::now());
                 if self.delivery_error.as_ref().is_some_and(|(i, _)| *i == id) {
                     self.delivery_error = None;
                 }
@@ -550,10 +600,23 @@ impl Daemon {
             .collect();
         let id = self.next_resync;
         self.next_resync += 1;
-        let _ = self.resync_tx.send(resync::Request { id, full, vms });
+        let synced_flag = self
+            .config
+            .clock
+            .require_sync
+            .then(|| self.config.clock.synced_flag.clone());
+        let _ = self.resync_tx.send(resync::Request {
+            id,
+            full,
+            vms,
+            synced_flag,
+        });
     }
 
     fn resynced(&mut self, report: resync::Report, now: Instant) {
+        if let Some(synced) = report.clock_synced {
+            self.clock_synced = synced;
+        }
         for row in report.rows {
             let Some(slot) = self.vms.get_mut(&row.vm) else {
                 continue;
@@ -815,7 +878,21 @@ impl Daemon {
 
     /// The world as the supervisors see it, for the planner.
     fn observed(&mut self) -> Observed {
-        let mut observed = Observed::default();
+        let clock_untrusted = match self.clock_jump {
+            Some(j) => Some(format!(
+                "the wall clock just jumped forward by {} s",
+                j.num_seconds()
+            )),
+            None if self.config.clock.require_sync && !self.clock_synced => Some(format!(
+                "the clock is not known to be synchronized (neither {} nor the kernel says so)",
+                self.config.clock.synced_flag.display()
+            )),
+            None => None,
+        };
+        let mut observed = Observed {
+            vms: BTreeMap::new(),
+            clock_untrusted,
+        };
         for vm in self.ours() {
             let outdated = self.outdated(&vm);
             let slot = self.slot(&vm);
@@ -865,6 +942,25 @@ impl Daemon {
 
     /// Journals refusals and pending changes once each, not on every pass.
     fn report(&mut self, plan: &Plan) {
+        for h in &plan.held {
+            let key = format!("{} {} {}", h.vm, h.stage, h.reason);
+            if self.announced_holds.insert(key) {
+                warn!(
+                    message_id = Journal::Deletion.message_id(),
+                    vm = h.vm.as_str(),
+                    action = "deletion-held",
+                    stage = h.stage.as_str(),
+                    reason = h.reason.as_str(),
+                    planned = true,
+                    "deletion stage {} held: {}",
+                    h.stage,
+                    h.reason
+                );
+            }
+        }
+        if plan.held.is_empty() {
+            self.announced_holds.clear();
+        }
         for r in &plan.refusals {
             let text = r.to_string();
             if self.slot(&r.vm).announced_refusals.insert(text.clone()) {
@@ -896,8 +992,7 @@ impl Daemon {
                     return None;
                 }
                 let job = Job::Create {
-                    pool: self.config.ceph.pool.clone(),
-                    image: render::image_name(&vm).to_owned(),
+                    disk: self.disk(&vm, now),
                     bytes: size_gib * GIB,
                     clone_from,
                 };
@@ -927,8 +1022,7 @@ impl Daemon {
                 }
                 let link = live.then(|| self.slot(&vm).link_rx());
                 let job = Job::Grow {
-                    pool: self.config.ceph.pool.clone(),
-                    image: render::image_name(&vm).to_owned(),
+                    disk: self.disk(&vm, now),
                     bytes: to_gib * GIB,
                     link,
                 };
@@ -960,11 +1054,32 @@ impl Daemon {
                 self.schedule_deletion(&vm, date, &source, now);
                 None
             }
+            Action::UpdateAddresses { vm, addresses } => {
+                if let Some(r) = self.state.vms.get_mut(&vm) {
+                    r.ip_addresses = addresses;
+                    self.changed();
+                }
+                None
+            }
             Action::CancelDeletion { vm, reason } => {
                 self.cancel_deletion(&vm, &reason, now);
                 None
             }
             Action::RunDeletionStage { vm, stage } => self.run_stage(&vm, stage, now),
+        }
+    }
+
+    /// The VM's disk, with the owner record a new image of it gets.
+    pub(super) fn disk(&self, vm: &VmName, now: DateTime<Utc>) -> ops::Disk {
+        ops::Disk {
+            pool: self.config.ceph.pool.clone(),
+            image: render::image_name(vm).to_owned(),
+            vm: vm.to_string(),
+            owner: crate::ownership::Owner::new(
+                vm.as_str(),
+                &self.hostname,
+                &now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            ),
         }
     }
 
@@ -1112,6 +1227,7 @@ impl Daemon {
                 .as_ref()
                 .map(|n| (vm.tap_name(), n.bridge.clone())),
             stale: vec![paths.qmp.clone(), paths.serial_socket.clone()],
+            disk: self.disk(vm, Utc::now()),
             link: self.slot(vm).link_rx(),
         }
     }
@@ -1220,6 +1336,13 @@ impl Daemon {
     /// Gives up operations past their deadline and ones whose intent never reached the disk.
     fn expire(&mut self, now: Instant) {
         self.unpark(now);
+        if self
+            .waiters
+            .iter()
+            .any(|w| w.ops.is_empty() && now >= w.since + ANNOUNCEMENT_WAIT)
+        {
+            self.advance_waiters();
+        }
         let overdue: Vec<(VmName, u64, OpKind)> = self
             .vms
             .iter()
@@ -1420,7 +1543,9 @@ impl Daemon {
     /// An operation ended well.
     fn done(&mut self, vm: &VmName, kind: OpKind, outcome: ops::Outcome, began: Instant) {
         match outcome {
-            ops::Outcome::Created { bytes, created } => self.disk_created(vm, bytes, created),
+            ops::Outcome::Created { bytes, created, id } => {
+                self.disk_created(vm, bytes, created, id);
+            }
             ops::Outcome::Grown { bytes, how } => {
                 let from = self.state.vms.get(vm).map_or(0, |r| r.applied.disk_gib);
                 let to = bytes / GIB;
@@ -1438,11 +1563,10 @@ impl Daemon {
                     &format!("disk grown {from} -> {to} GiB ({how}) in {ms:.1} ms"),
                 );
             }
-            ops::Outcome::Staged(what) => {
-                if let OpKind::Stage(stage) = kind {
-                    self.stage_done(vm, stage, &what, Utc::now());
-                }
-            }
+            ops::Outcome::Staged { what, trashed } => match kind {
+                OpKind::Stage(stage) => self.stage_done(vm, stage, &what, trashed, Utc::now()),
+                _ => journal(Journal::DiskGrown, vm, "adopt-disk", &what, &what),
+            },
             ops::Outcome::Inspected(exit) => {
                 if let Some((kind, instance, detail)) = self.slot(vm).pending_alarm.take() {
                     self.alarm(vm, kind, instance, &format!("{detail} ({exit})"));
@@ -1458,7 +1582,7 @@ impl Daemon {
         }
     }
 
-    fn disk_created(&mut self, vm: &VmName, bytes: u64, created: bool) {
+    fn disk_created(&mut self, vm: &VmName, bytes: u64, created: bool, id: String) {
         let Some(spec) = self.config.vms.get(vm) else {
             return;
         };
@@ -1475,8 +1599,12 @@ impl Daemon {
                 ip_addresses: spec.ip_addresses.clone(),
                 last_unplanned: None,
                 argv: vec![],
+                image_id: Some(id),
+                generation: spec.generation,
             },
         );
+        // A new VM of a released name: the tombstone has served.
+        self.state.released.remove(vm);
         self.changed();
         let text = if created {
             format!("disk created: {gib} GiB")
@@ -1553,6 +1681,7 @@ impl Daemon {
             reply,
             rerun,
             durable,
+            since: Instant::now(),
         });
     }
 
@@ -1589,23 +1718,47 @@ impl Daemon {
                 w.errors.push(e.to_owned());
             }
         }
+        self.advance_waiters();
+    }
+
+    /// Answers the waiters whose operations are done; `run-due` plans again at its instant
+    /// first, and while an announcement it made waits for the hook (nothing after it can be
+    /// due before), it waits for that too, up to [`ANNOUNCEMENT_WAIT`].
+    pub(super) fn advance_waiters(&mut self) {
         let (done, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
             .into_iter()
             .partition(|w| w.ops.is_empty());
         self.waiters = waiting;
-        for w in done {
-            let again = match w.rerun {
-                Some((now, round)) if round < MAX_ROUNDS => {
-                    let ops = self.pass(now);
-                    (!ops.is_empty()).then_some((ops, now, round + 1))
-                }
-                _ => None,
+        let announcing = self
+            .state
+            .deletions
+            .values()
+            .any(|d| d.announcement.is_some());
+        for mut w in done {
+            let Some((now, round)) = w.rerun else {
+                self.wait(vec![], w.errors, w.ok, w.reply, None, w.durable);
+                continue;
             };
-            match again {
-                Some((ops, now, round)) => {
-                    self.wait(ops, w.errors, w.ok, w.reply, Some((now, round)), w.durable);
-                }
-                None => self.wait(vec![], w.errors, w.ok, w.reply, None, w.durable),
+            let ops = if round < MAX_ROUNDS {
+                self.pass(now)
+            } else {
+                vec![]
+            };
+            if !ops.is_empty() {
+                self.wait(
+                    ops,
+                    w.errors,
+                    w.ok,
+                    w.reply,
+                    Some((now, round + 1)),
+                    w.durable,
+                );
+            } else if announcing && Instant::now() < w.since + ANNOUNCEMENT_WAIT {
+                // Parked with no operation: a delivery (or the deadline) advances it.
+                w.rerun = Some((now, round + 1));
+                self.waiters.push(w);
+            } else {
+                self.wait(vec![], w.errors, w.ok, w.reply, None, w.durable);
             }
         }
     }
@@ -1622,6 +1775,7 @@ fn action_vm(a: &Action) -> &VmName {
         | Action::ScheduleMaintenance { vm, .. }
         | Action::CancelMaintenance { vm, .. }
         | Action::ScheduleDeletion { vm, .. }
+        | Action::UpdateAddresses { vm, .. }
         | Action::CancelDeletion { vm, .. }
         | Action::RunDeletionStage { vm, .. } => vm,
     }

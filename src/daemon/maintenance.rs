@@ -52,13 +52,15 @@ impl Daemon {
         replaces: Option<Slot>,
         now: DateTime<Utc>,
     ) {
-        let announced_at = match replaces {
+        // An update of the same slot keeps the slot's first announcement (and its delivery);
+        // a new or moved slot counts from its own announcement, once the hook took it.
+        let kept = match replaces {
             Some(old) if old == slot => self
                 .state
                 .maintenances
                 .get(vm)
-                .map_or(now, |m| m.announced_at),
-            _ => now,
+                .map(|m| (m.announced_at, m.notice, m.delivered_at)),
+            _ => None,
         };
         self.state.maintenances.insert(
             vm.clone(),
@@ -66,7 +68,9 @@ impl Daemon {
                 reasons: reasons.to_vec(),
                 slot_start: slot.start.with_timezone(&Utc),
                 slot_end: slot.end.with_timezone(&Utc),
-                announced_at,
+                announced_at: kept.map_or(now, |k| k.0),
+                notice: kept.and_then(|k| k.1),
+                delivered_at: kept.and_then(|k| k.2),
             },
         );
         let reason = reasons
@@ -97,8 +101,31 @@ impl Daemon {
             now,
         );
         event["slot"] = serde_json::to_value(slot).unwrap_or_default();
-        self.state.enqueue(event, now);
+        let id = self.state.enqueue(event, now);
+        if kept.is_none()
+            && let Some(m) = self.state.maintenances.get_mut(vm)
+        {
+            m.notice = Some(id);
+        }
         self.changed();
+    }
+
+    /// The hook took notification `id`: a maintenance or deletion announcement is made now.
+    pub(super) fn delivered(&mut self, id: u64, now: DateTime<Utc>) {
+        if let Some(m) = self
+            .state
+            .maintenances
+            .values_mut()
+            .find(|m| m.notice == Some(id))
+        {
+            m.notice = None;
+            m.delivered_at = Some(now);
+            self.changed();
+            self.dirty_pass();
+        }
+        self.announcement_delivered(id, now);
+        self.advance_waiters();
+        self.dirty_pass();
     }
 
     /// Drops a maintenance that is no longer needed and announces that.

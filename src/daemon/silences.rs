@@ -612,6 +612,8 @@ mod tests {
             done_at: Default::default(),
             trashed_image: None,
             announcement: None,
+            stage_started_at: None,
+            generation: 1,
         };
         s.deletions.insert(vm("a"), d.clone());
         // Not announced yet: no downtime, no silence.
@@ -633,6 +635,8 @@ mod tests {
                 slot_start: t("2026-12-02T21:00:00.5Z"),
                 slot_end: t("2026-12-02T21:15:00Z"),
                 announced_at: t(NOW),
+                notice: None,
+                delivered_at: None,
             },
         );
         let w = wanted(&s, tz);

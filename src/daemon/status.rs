@@ -78,6 +78,14 @@ pub struct VmStatus {
     instance: Option<InvocationId>,
     /// `connected`, `reconnecting since <instant>`, or `none` (nothing runs).
     qmp: String,
+    /// Removed from the configuration, its deletion waiting for `confirm-removal`.
+    awaiting_removal: bool,
+    /// Destructive deletion stages due but held (an untrusted clock), and why.
+    held: Vec<String>,
+    /// Its deletion: every stage's earliest instant as it stands (moved when one ran late).
+    deletion: Option<crate::plan::DeletionTimeline>,
+    /// Whether its maintenance's announcement reached the contacts (the hook took it).
+    maintenance_announced: Option<bool>,
     /// The operation in flight, and since when.
     operation: Option<String>,
     declared: Option<Resources>,
@@ -169,6 +177,18 @@ impl Daemon {
                         .map(|p| p.to),
                     maintenance_slot: maintenance.map(|m| slot_in(tz, m.slot_start, m.slot_end)),
                     in_maintenance: self.in_maintenance(&n, now),
+                    awaiting_removal: plan.is_some_and(|p| p.awaiting_removal.contains(&n)),
+                    held: plan
+                        .map(|p| {
+                            p.held
+                                .iter()
+                                .filter(|h| h.vm == n)
+                                .map(|h| format!("{}: {}", h.stage, h.reason))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    deletion: plan.and_then(|p| p.deletions.iter().find(|d| d.vm == n).cloned()),
+                    maintenance_announced: maintenance.map(|m| m.announced().is_some()),
                     refusals: plan
                         .map(|p| {
                             p.refusals

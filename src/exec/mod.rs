@@ -1,7 +1,8 @@
-//! Edges: the only code that talks to QEMU, Ceph, systemd, Alertmanager and the notification
-//! hook.
+//! Edges: the only code that talks to QEMU, Ceph, systemd, Alertmanager, the notification
+//! hook and the clock.
 
 pub mod alertmanager;
+pub mod clock;
 pub mod notify;
 pub mod peer;
 pub mod qmp;

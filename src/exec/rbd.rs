@@ -197,6 +197,22 @@ mod ffi {
             snap_name: *const c_char,
             is_protected: *mut c_int,
         ) -> c_int;
+        pub fn rbd_metadata_get(
+            image: rbd_image_t,
+            key: *const c_char,
+            value: *mut c_char,
+            val_len: *mut usize,
+        ) -> c_int;
+        pub fn rbd_metadata_set(
+            image: rbd_image_t,
+            key: *const c_char,
+            value: *const c_char,
+        ) -> c_int;
+        pub fn rbd_rename(
+            io: rados_ioctx_t,
+            src_name: *const c_char,
+            dest_name: *const c_char,
+        ) -> c_int;
     }
 }
 
@@ -422,6 +438,30 @@ pub enum RbdError {
         #[source]
         errno: Errno,
     },
+    #[error("cannot read metadata {key} of image {pool}/{image}")]
+    MetadataGet {
+        pool: String,
+        image: String,
+        key: String,
+        #[source]
+        errno: Errno,
+    },
+    #[error("cannot set metadata {key} of image {pool}/{image}")]
+    MetadataSet {
+        pool: String,
+        image: String,
+        key: String,
+        #[source]
+        errno: Errno,
+    },
+    #[error("cannot rename image {pool}/{from} to {to}")]
+    Rename {
+        pool: String,
+        from: String,
+        to: String,
+        #[source]
+        errno: Errno,
+    },
     #[error("cannot list the trash of pool {pool}")]
     TrashList {
         pool: String,
@@ -478,6 +518,9 @@ impl RbdError {
             | UnprotectSnapshot { errno, .. }
             | SnapshotProtection { errno, .. }
             | TrashMove { errno, .. }
+            | MetadataGet { errno, .. }
+            | MetadataSet { errno, .. }
+            | Rename { errno, .. }
             | TrashList { errno, .. }
             | TrashRemove { errno, .. }
             | TrashRestore { errno, .. }
@@ -921,10 +964,17 @@ impl IoCtx {
     /// Moves an image to the trash (no deferment) and returns its id, which
     /// [`IoCtx::trash_restore`] and [`IoCtx::trash_remove`] take.
     pub fn trash_move(&self, image: &str) -> Result<String, RbdError> {
+        self.trash_move_deferred(image, Duration::ZERO)
+    }
+
+    /// Moves an image to the trash, deferred for `defer`: until then `rbd trash purge` (an
+    /// operator's, or a purge schedule of the Ceph manager) leaves it alone, and only a forced
+    /// remove deletes it. Returns its id.
+    pub fn trash_move_deferred(&self, image: &str, defer: Duration) -> Result<String, RbdError> {
         let id = self.open_read_only(image)?.id()?;
         let c_name = cstring(image)?;
-        // SAFETY: valid ioctx and C string.
-        let rc = unsafe { ffi::rbd_trash_move(self.raw, c_name.as_ptr(), 0) };
+        // SAFETY: valid ioctx and C string; the delay is in seconds.
+        let rc = unsafe { ffi::rbd_trash_move(self.raw, c_name.as_ptr(), defer.as_secs()) };
         Errno::check(rc).map_err(|errno| RbdError::TrashMove {
             pool: self.pool.clone(),
             image: image.to_owned(),
@@ -997,6 +1047,20 @@ impl IoCtx {
         Errno::check(rc).map_err(|errno| RbdError::TrashRemove {
             pool: self.pool.clone(),
             id: id.to_owned(),
+            errno,
+        })?;
+        Ok(())
+    }
+
+    /// Renames an image; fails with `EEXIST` when `to` exists.
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), RbdError> {
+        let (c_from, c_to) = (cstring(from)?, cstring(to)?);
+        // SAFETY: valid ioctx and C strings.
+        let rc = unsafe { ffi::rbd_rename(self.raw, c_from.as_ptr(), c_to.as_ptr()) };
+        Errno::check(rc).map_err(|errno| RbdError::Rename {
+            pool: self.pool.clone(),
+            from: from.to_owned(),
+            to: to.to_owned(),
             errno,
         })?;
         Ok(())
@@ -1113,6 +1177,53 @@ impl Image {
             object_size: info.obj_size,
             objects: info.num_objs,
         })
+    }
+
+    /// The value of image metadata `key`, `None` when it is not set.
+    pub fn metadata(&self, key: &str) -> Result<Option<String>, RbdError> {
+        let c_key = cstring(key)?;
+        let mut cap = 512usize;
+        loop {
+            let mut buf = vec![0 as c_char; cap];
+            let mut len = cap;
+            // SAFETY: open image, C string key; `buf` has room for `len` bytes and librbd
+            // writes at most that many, or the needed length to `len` on ERANGE.
+            let rc = unsafe {
+                ffi::rbd_metadata_get(self.raw, c_key.as_ptr(), buf.as_mut_ptr(), &mut len)
+            };
+            match Errno::check(rc) {
+                Err(Errno(libc::ENOENT)) => return Ok(None),
+                Err(Errno(libc::ERANGE)) if len > cap => cap = len,
+                Err(errno) => {
+                    let (pool, image) = self.ids();
+                    return Err(RbdError::MetadataGet {
+                        pool,
+                        image,
+                        key: key.to_owned(),
+                        errno,
+                    });
+                }
+                // SAFETY: on success librbd wrote a NUL-terminated value into `buf`.
+                Ok(_) => return Ok(Some(unsafe { owned_str(buf.as_ptr()) })),
+            }
+        }
+    }
+
+    /// Sets image metadata `key` to `value`.
+    pub fn set_metadata(&self, key: &str, value: &str) -> Result<(), RbdError> {
+        let (c_key, c_value) = (cstring(key)?, cstring(value)?);
+        // SAFETY: open image and C strings.
+        let rc = unsafe { ffi::rbd_metadata_set(self.raw, c_key.as_ptr(), c_value.as_ptr()) };
+        Errno::check(rc).map_err(|errno| {
+            let (pool, image) = self.ids();
+            RbdError::MetadataSet {
+                pool,
+                image,
+                key: key.to_owned(),
+                errno,
+            }
+        })?;
+        Ok(())
     }
 
     /// The image id (stable across renames and trash moves).

@@ -44,6 +44,8 @@ fn running(state: &mut State, name: &str, applied: Resources) {
             ip_addresses: vec![],
             last_unplanned: None,
             argv: vec![],
+            image_id: None,
+            generation: 1,
         },
     );
 }
@@ -120,6 +122,8 @@ fn with_maintenance(
             slot_start: t(start),
             slot_end: t(end),
             announced_at: t("2026-11-29T09:00:00+01:00"),
+            notice: None,
+            delivered_at: None,
         },
     );
 }
@@ -343,6 +347,8 @@ fn deletion(s: &mut State, name: &str, date: &str, source: DeletionSource, last:
             done_at: Default::default(),
             trashed_image: None,
             announcement: None,
+            stage_started_at: None,
+            generation: 1,
         },
     );
 }

@@ -65,8 +65,11 @@ impl Host {
             "ceph": { "conf": h.ceph_conf, "pool": h.ceph_pool, "clientId": h.ceph_client,
                       "qemuClientId": h.ceph_qemu_client, "qemuKeyFile": h.ceph_qemu_key },
             "qemu": { "accel": h.accel, "stopTimeout": "20s", "user": h.qemu_user },
+            // The harness's clock stands for a synchronized one (see `Host::clock_synced`).
+            "clock": { "syncedFlag": dir.join("clock-synchronized") },
             "vms": declared,
         });
+        std::fs::write(dir.join("clock-synchronized"), "").unwrap();
         let since_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -93,6 +96,17 @@ impl Host {
             serde_json::to_string_pretty(&self.config).unwrap(),
         )
         .unwrap();
+    }
+
+    /// Whether this host's clock counts as synchronized (its flag file exists); the daemon
+    /// notices at its next look at the units (a tick, or a start).
+    pub fn clock_synced(&self, synced: bool) {
+        let flag = self.dir.join("clock-synchronized");
+        if synced {
+            std::fs::write(flag, "").unwrap();
+        } else {
+            let _ = std::fs::remove_file(flag);
+        }
     }
 
     /// Changes one VM's keys and tells the daemon (SIGHUP), as `nixos-rebuild switch` does.

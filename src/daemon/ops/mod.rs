@@ -22,6 +22,7 @@ use crate::exec::rbd::{Cluster, ClusterOptions, RbdError};
 use crate::exec::systemd::Systemd;
 use crate::model::{BaseImage, InvocationId, VmName};
 
+pub use disk::Disk;
 pub use qemu::{QemuStart, QemuStop, VmFiles};
 
 /// The QMP connection of a VM's current instance, as the connection task publishes it.
@@ -86,10 +87,8 @@ impl Ceph {
 pub enum Job {
     /// Create the disk, thin or as a clone.
     Create {
-        /// Pool.
-        pool: String,
-        /// Image name.
-        image: String,
+        /// The disk.
+        disk: Disk,
         /// Size.
         bytes: u64,
         /// Base image to clone.
@@ -111,10 +110,8 @@ pub enum Job {
     },
     /// Grow the disk to `bytes`: live through QMP when `link` is given, else with librbd.
     Grow {
-        /// Pool.
-        pool: String,
-        /// Image name.
-        image: String,
+        /// The disk.
+        disk: Disk,
         /// Target size.
         bytes: u64,
         /// The running QEMU's connection.
@@ -126,10 +123,19 @@ pub enum Job {
         stage: Stage,
         /// The VM's QEMU to stop first, if it runs.
         stop: Option<QemuStop>,
-        /// Pool.
-        pool: String,
-        /// Image name.
-        image: String,
+        /// The disk.
+        disk: Disk,
+        /// The purge: how long the trashed image is deferred (until its delete-backups date).
+        defer: std::time::Duration,
+        /// The id of the VM's image as recorded (the purge trashes this one only).
+        image_id: Option<String>,
+        /// delete-backups: the id the purge trashed (the only image it deletes).
+        trashed: Option<String>,
+    },
+    /// Mark an existing image as the VM's (`vmkeeper adopt-disk`).
+    Adopt {
+        /// The disk.
+        disk: Disk,
     },
     /// Read how the unit's last run ended, and clear its failed state.
     Inspect {
@@ -166,6 +172,8 @@ pub enum Outcome {
         bytes: u64,
         /// Whether this operation made it.
         created: bool,
+        /// Its RBD id.
+        id: String,
     },
     /// The disk has this size (bytes) now.
     Grown {
@@ -177,7 +185,12 @@ pub enum Outcome {
     /// A start, stop or reboot completed (its steps were reported).
     Done,
     /// A deletion stage acted; what it did, for the journal.
-    Staged(String),
+    Staged {
+        /// What was done.
+        what: String,
+        /// The id of the image moved to the trash (the purge).
+        trashed: Option<String>,
+    },
     /// How the last run ended.
     Inspected(String),
 }
@@ -222,11 +235,10 @@ pub fn spawn(ctx: Arc<Ctx>, vm: VmName, id: u64, job: Job) -> tokio::task::JoinH
 async fn run(ctx: &Ctx, r: &Reporter, job: Job) -> anyhow::Result<Outcome> {
     match job {
         Job::Create {
-            pool,
-            image,
+            disk,
             bytes,
             clone_from,
-        } => disk::create(ctx, r, &pool, &image, bytes, clone_from).await,
+        } => disk::create(ctx, r, &disk, bytes, clone_from).await,
         Job::Start(start) => {
             qemu::start(ctx, r, &start, Some("start:before-job"), "start:after-job").await?;
             Ok(Outcome::Done)
@@ -243,18 +255,22 @@ async fn run(ctx: &Ctx, r: &Reporter, job: Job) -> anyhow::Result<Outcome> {
             qemu::reboot(ctx, r, &stop, &start, failpoints).await?;
             Ok(Outcome::Done)
         }
-        Job::Grow {
-            pool,
-            image,
-            bytes,
-            link,
-        } => disk::grow(ctx, r, &pool, &image, bytes, link).await,
+        Job::Grow { disk, bytes, link } => disk::grow(ctx, r, &disk, bytes, link).await,
         Job::Stage {
             stage,
             stop,
-            pool,
-            image,
-        } => deletion::act(ctx, r, stage, stop.as_ref(), &pool, &image).await,
+            disk,
+            defer,
+            image_id,
+            trashed,
+        } => {
+            let ids = deletion::Ids {
+                image: image_id,
+                trashed,
+            };
+            deletion::act(ctx, r, stage, stop.as_ref(), &disk, defer, &ids).await
+        }
+        Job::Adopt { disk } => disk::adopt(ctx, &disk).await,
         Job::Inspect { unit } => Ok(Outcome::Inspected(qemu::inspect(ctx, &unit).await)),
     }
 }

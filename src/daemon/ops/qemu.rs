@@ -46,6 +46,8 @@ pub struct QemuStart {
     pub tap: Option<(String, String)>,
     /// Files of an earlier QEMU to remove first (sockets it left).
     pub stale: Vec<PathBuf>,
+    /// The disk QEMU attaches: checked to be the VM's own first.
+    pub disk: super::Disk,
     /// The VM's QMP connection, to see the new QEMU come up.
     pub link: LinkRx,
 }
@@ -86,6 +88,9 @@ pub async fn start(
     tokio::task::spawn_blocking(move || prepare(&files, tap.as_ref(), &stale))
         .await
         .context("preparing the VM's files panicked")??;
+    // Never attach an image that is not the VM's own (checked before each start: an image
+    // can be replaced behind vmkeeper's back while the VM is off).
+    super::disk::check_owned(ctx, &s.disk).await?;
     let unit = &s.service.name;
     let _ = ctx.systemd.reset_failed(unit).await;
     if let Some(point) = before_job {

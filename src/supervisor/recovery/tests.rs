@@ -63,6 +63,8 @@ fn record(running: bool, instance: Option<char>, alarmed: Option<char>) -> VmRec
             instance: Some(id(a)),
         }),
         argv: vec![],
+        image_id: None,
+        generation: 1,
     }
 }
 
