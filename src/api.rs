@@ -81,7 +81,7 @@ pub enum Request {
 }
 
 impl Request {
-    /// Whether the request changes anything (and so needs the authorized group).
+    /// Whether the request changes anything (and so needs an authorized group).
     pub fn is_mutating(&self) -> bool {
         match self {
             Request::Status | Request::MaintenanceList => false,
@@ -112,8 +112,9 @@ pub struct Caller {
     pub uid: u32,
     /// User name, when the uid has one.
     pub user: Option<String>,
-    /// Whether the caller is root or in the authorized group.
-    pub authorized: bool,
+    /// Its groups, primary and supplementary; what it may act on is decided per request
+    /// (`access::scope`).
+    pub gids: Vec<u32>,
 }
 
 impl Caller {
@@ -189,13 +190,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
 /// [`MAX_CONNECTIONS`] at once, each bounded in time; `answer` turns a request into its
 /// response. Never returns; `accept` errors (such as running out of file descriptors) are
 /// waited out with a growing pause instead of spinning.
-pub fn serve<F, Fut>(listener: UnixListener, authorized_group: String, answer: F)
+pub fn serve<F, Fut>(listener: UnixListener, answer: F)
 where
     F: Fn(Request, Caller) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response> + Send + 'static,
 {
     let answer = Arc::new(answer);
-    let group: Arc<str> = authorized_group.into();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         let mut pause = Duration::from_millis(10);
@@ -217,22 +217,20 @@ where
                     stream.try_write(b"{\"error\":\"the daemon is busy: too many connections\"}\n");
                 continue;
             };
-            let (answer, group) = (answer.clone(), group.clone());
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let _slot = slot;
-                let resp =
-                    match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream, &group))
-                        .await
-                    {
-                        Ok(Ok((req, caller))) => {
-                            match tokio::time::timeout(ANSWER_TIMEOUT, answer(req, caller)).await {
-                                Ok(r) => r,
-                                Err(_) => Response::Error("no answer in time".into()),
-                            }
+                let resp = match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await
+                {
+                    Ok(Ok((req, caller))) => {
+                        match tokio::time::timeout(ANSWER_TIMEOUT, answer(req, caller)).await {
+                            Ok(r) => r,
+                            Err(_) => Response::Error("no answer in time".into()),
                         }
-                        Ok(Err(e)) => Response::Error(format!("bad request: {e}")),
-                        Err(_) => Response::Error(format!("no request within {READ_TIMEOUT:?}")),
-                    };
+                    }
+                    Ok(Err(e)) => Response::Error(format!("bad request: {e}")),
+                    Err(_) => Response::Error(format!("no request within {READ_TIMEOUT:?}")),
+                };
                 let _ =
                     tokio::time::timeout(WRITE_TIMEOUT, write_response(&mut stream, &resp)).await;
             });
@@ -241,15 +239,11 @@ where
 }
 
 /// Reads one request from an accepted connection, with the caller's identity.
-pub async fn read_request(
-    stream: &mut UnixStream,
-    authorized_group: &str,
-) -> Result<(Request, Caller), ApiError> {
+pub async fn read_request(stream: &mut UnixStream) -> Result<(Request, Caller), ApiError> {
     let cred = stream.peer_cred().map_err(ApiError::Io)?;
     let uid = cred.uid();
-    let group = authorized_group.to_owned();
     // The user and group databases may be remote (NSS): looked up off the runtime's threads.
-    let caller = tokio::task::spawn_blocking(move || identify(uid, &group))
+    let caller = tokio::task::spawn_blocking(move || identify(uid))
         .await
         .map_err(|e| ApiError::Io(std::io::Error::other(e)))?;
     let mut line = String::new();
@@ -291,20 +285,15 @@ pub async fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Respo
         .map_err(|_| ApiError::Timeout(timeout))?
 }
 
-/// The caller's name and whether it is root or a member of `group` (primary or
-/// supplementary, as the group database says now).
-pub fn identify(uid: u32, group: &str) -> Caller {
+/// The caller's name and groups (primary and supplementary, as the group database says
+/// now).
+pub fn identify(uid: u32) -> Caller {
     let user = user_name(uid);
-    let authorized = uid == 0
-        || match (&user, group_id(group)) {
-            (Some(name), Some(gid)) => groups_of(name, uid).contains(&gid),
-            _ => false,
-        };
-    Caller {
-        uid,
-        user,
-        authorized,
-    }
+    let gids = user
+        .as_deref()
+        .map(|name| groups_of(name, uid))
+        .unwrap_or_default();
+    Caller { uid, user, gids }
 }
 
 /// The user's name and primary group from the password database.
@@ -337,7 +326,8 @@ fn user_name(uid: u32) -> Option<String> {
     passwd(uid).map(|(name, _)| name)
 }
 
-fn group_id(name: &str) -> Option<u32> {
+/// The id of group `name`, if the group database knows it.
+pub fn group_id(name: &str) -> Option<u32> {
     let cname = CString::new(name).ok()?;
     let mut buf = vec![0u8; 64 * 1024];
     // SAFETY: group is plain old data that getgrnam_r fills in.
@@ -389,17 +379,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn root_is_authorized_and_unknown_users_are_not() {
-        let root = identify(0, "sudo-srv");
+    fn a_caller_has_its_name_and_groups_and_unknown_users_neither() {
+        let root = identify(0);
         assert_eq!(root.user.as_deref(), Some("root"));
-        assert!(root.authorized);
-        let nobody = identify(65534, "sudo-srv");
-        assert!(!nobody.authorized);
-        // A member of the group (root's primary group) is authorized through the group.
-        assert!(identify(0, "root").authorized);
-        let ghost = identify(4_000_000, "root");
+        // root's primary group, from the group database.
+        assert!(root.gids.contains(&0), "{root:?}");
+        assert_eq!(group_id("root"), Some(0));
+        assert_eq!(group_id("no-such-group-here"), None);
+        let ghost = identify(4_000_000);
         assert_eq!(ghost.user, None);
-        assert!(!ghost.authorized);
+        assert!(ghost.gids.is_empty());
     }
 
     #[tokio::test]
@@ -409,7 +398,7 @@ mod tests {
         let listener = bind(&path).unwrap();
         let server = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
-            let (req, caller) = read_request(&mut s, "sudo-srv").await.unwrap();
+            let (req, caller) = read_request(&mut s).await.unwrap();
             write_response(
                 &mut s,
                 &Response::Ok(serde_json::json!({ "uid": caller.uid })),

@@ -12,11 +12,11 @@ use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, Project};
 use crate::deletion::{self, Progress, Schedule, Stage};
 use crate::localtime::{rfc3339, ser_instant};
-use crate::maintenance::{Slot, Window};
-use crate::model::{BaseImage, Resources, VmName, VmSpec};
+use crate::maintenance::{Slot, Taken, Window};
+use crate::model::{BaseImage, ProjectName, Resources, VmName, VmSpec};
 use crate::state::{Deletion, DeletionSource, Reason, State};
 
 /// What the daemon saw of one VM.
@@ -111,6 +111,8 @@ pub enum Action {
     ScheduleMaintenance {
         /// The VM.
         vm: VmName,
+        /// The project whose windows the slot is in and whose contacts hear of it.
+        project: ProjectName,
         /// The slot.
         slot: Slot,
         /// Why.
@@ -156,6 +158,8 @@ pub enum Action {
 pub struct Pending {
     /// The VM.
     pub vm: VmName,
+    /// Its project, in whose zone the slot is given.
+    pub project: ProjectName,
     /// What runs.
     pub from: Resources,
     /// What is declared.
@@ -266,7 +270,6 @@ pub fn plan(config: &Config, observed: &Observed, state: &State, now: DateTime<U
         observed,
         state,
         now,
-        tz,
         plan: Plan {
             now: now.with_timezone(&tz),
             timezone: tz.name().to_owned(),
@@ -277,11 +280,7 @@ pub fn plan(config: &Config, observed: &Observed, state: &State, now: DateTime<U
             reserved_names: vec![],
             warnings: vec![],
         },
-        taken: state
-            .maintenances
-            .values()
-            .map(|m| slot_in(tz, m.slot_start, m.slot_end))
-            .collect(),
+        taken: held_slots(state),
     };
     for spec in config.vms.values() {
         p.declared(spec);
@@ -294,7 +293,7 @@ pub fn plan(config: &Config, observed: &Observed, state: &State, now: DateTime<U
             p.timeline(name, d.date, &d.source, d.progress);
         }
         if !d.progress.has_done(Stage::ReleaseName) {
-            let free_on = Schedule::new(tz, d.date).date_of(Stage::ReleaseName);
+            let free_on = Schedule::new(p.zone(name), d.date).date_of(Stage::ReleaseName);
             p.plan.reserved_names.push(ReservedName {
                 vm: name.clone(),
                 free_on,
@@ -309,13 +308,23 @@ struct Planner<'a> {
     observed: &'a Observed,
     state: &'a State,
     now: DateTime<Utc>,
-    tz: Tz,
     plan: Plan,
-    /// Maintenance slots already held, so new ones are spread by `maxParallel`.
-    taken: Vec<Slot>,
+    /// Maintenance slots already held, by VM and project, so new ones are spread by each
+    /// project's `maxParallel` and the host-wide one.
+    taken: Vec<Held>,
 }
 
-impl Planner<'_> {
+impl<'a> Planner<'a> {
+    /// The project `vm` belongs to: as declared, or as recorded for a VM no longer declared.
+    fn project(&self, vm: &VmName) -> &'a Project {
+        self.config.project_of(vm, self.state.projects.get(vm))
+    }
+
+    /// The zone of `vm`'s deletion dates and maintenance slots: its project's.
+    fn zone(&self, vm: &VmName) -> Tz {
+        self.project(vm).tz()
+    }
+
     fn refuse(&mut self, vm: &VmName, field: &str, message: String) {
         self.plan.refusals.push(Refusal {
             vm: vm.clone(),
@@ -336,7 +345,7 @@ impl Planner<'_> {
                 return;
             }
         } else if let Some(date) = spec.delete_at {
-            match deletion::check_request(self.tz, self.now, date) {
+            match deletion::check_request(self.zone(name), self.now, date) {
                 Ok(_) => {
                     self.act(Action::ScheduleDeletion {
                         vm: name.clone(),
@@ -364,7 +373,7 @@ impl Planner<'_> {
     /// lifecycle applies.
     fn declared_with_deletion(&mut self, spec: &VmSpec, d: &Deletion) -> bool {
         let name = &spec.name;
-        let schedule = Schedule::new(self.tz, d.date);
+        let schedule = Schedule::new(self.zone(name), d.date);
         if d.progress.has_done(Stage::Purge) {
             // The remaining stages run whether or not the name is declared again.
             self.timeline(name, d.date, &d.source, d.progress);
@@ -400,7 +409,8 @@ impl Planner<'_> {
             let ok = deletion::can_cancel(&schedule, d.progress, self.now)
                 .map_err(|e| format!("cannot move the deletion: {e}"))
                 .and_then(|()| {
-                    deletion::check_request(self.tz, self.now, date).map_err(|e| e.to_string())
+                    deletion::check_request(self.zone(name), self.now, date)
+                        .map_err(|e| e.to_string())
                 });
             match ok {
                 Ok(_) => {
@@ -432,7 +442,7 @@ impl Planner<'_> {
                 .filter(|ip| d.ip_addresses.contains(ip))
                 .collect();
             for ip in held {
-                let purge = Schedule::new(self.tz, d.date).date_of(Stage::Purge);
+                let purge = Schedule::new(self.zone(other), d.date).date_of(Stage::Purge);
                 self.refuse(
                     &spec.name,
                     ".ipAddresses",
@@ -562,7 +572,8 @@ impl Planner<'_> {
             }
             return;
         };
-        let slot = slot_in(self.tz, m.slot_start, m.slot_end);
+        let project = self.project(name);
+        let slot = slot_in(project.tz(), m.slot_start, m.slot_end);
         if reasons.is_empty() {
             self.act(Action::CancelMaintenance {
                 vm: name.clone(),
@@ -570,15 +581,32 @@ impl Planner<'_> {
             });
             return;
         }
+        if m.project != project.name {
+            // Moved to another project: its slot was picked in the old project's windows and
+            // announced to the old contacts. They hear it is off; the new ones get a slot of
+            // the new project's.
+            self.act(Action::CancelMaintenance {
+                vm: name.clone(),
+                reason: format!(
+                    "{name} moved from project {} to project {}; its maintenance is planned \
+                     and announced there",
+                    m.project, project.name
+                ),
+            });
+            self.taken.retain(|(vm, ..)| vm != name);
+            self.schedule(name, running, declared, reasons, None);
+            return;
+        }
         if slot.end <= self.now {
             // Missed (the host or daemon was down): never run outside a window.
-            self.taken.retain(|s| *s != slot);
+            self.taken.retain(|(vm, ..)| vm != name);
             self.schedule(name, running, declared, reasons, Some(slot));
             return;
         }
         if reasons != m.reasons {
             self.act(Action::ScheduleMaintenance {
                 vm: name.clone(),
+                project: project.name.clone(),
                 slot,
                 reasons: reasons.clone(),
                 replaces: Some(slot),
@@ -593,10 +621,11 @@ impl Planner<'_> {
         if applied.needs_reboot_for(&declared) {
             self.plan.pending.push(Pending {
                 vm: name.clone(),
+                project: project.name.clone(),
                 from: running,
                 to: declared,
                 slot,
-                announced_at: m.announced_at.with_timezone(&self.tz),
+                announced_at: m.announced_at.with_timezone(&project.tz()),
             });
         }
     }
@@ -609,7 +638,8 @@ impl Planner<'_> {
         reasons: Vec<Reason>,
         replaces: Option<Slot>,
     ) {
-        let Some(slot) = self.config.maintenance.pick_slot(self.now, &self.taken) else {
+        let project = self.project(name);
+        let Some(slot) = pick_slot(self.config, project, &self.taken, self.now) else {
             self.refuse(
                 name,
                 "",
@@ -620,18 +650,20 @@ impl Planner<'_> {
             );
             return;
         };
-        self.taken.push(slot);
+        self.taken.push((name.clone(), project.name.clone(), slot));
         if running.needs_reboot_for(&declared) {
             self.plan.pending.push(Pending {
                 vm: name.clone(),
+                project: project.name.clone(),
                 from: running,
                 to: declared,
                 slot,
-                announced_at: self.now.with_timezone(&self.tz),
+                announced_at: self.now.with_timezone(&project.tz()),
             });
         }
         self.act(Action::ScheduleMaintenance {
             vm: name.clone(),
+            project: project.name.clone(),
             slot,
             reasons,
             replaces,
@@ -643,8 +675,9 @@ impl Planner<'_> {
         if self.state.deletions.contains_key(name) {
             return;
         }
-        let date = deletion::earliest_date(self.tz, self.now);
-        let schedule = Schedule::new(self.tz, date);
+        let tz = self.zone(name);
+        let date = deletion::earliest_date(tz, self.now);
+        let schedule = Schedule::new(tz, date);
         self.plan.warnings.push(format!(
             "{name} was removed from the configuration: it is deleted on {date} (shut down at {}); \
              declare it again before {} to keep it",
@@ -666,7 +699,7 @@ impl Planner<'_> {
         source: &DeletionSource,
         progress: Progress,
     ) {
-        let schedule = Schedule::new(self.tz, date);
+        let schedule = Schedule::new(self.zone(name), date);
         let due = progress.due(&schedule, self.now);
         let stages = Stage::ALL
             .into_iter()
@@ -696,6 +729,43 @@ impl Planner<'_> {
             cancellable_until: schedule.at(Stage::Purge),
         });
     }
+}
+
+/// A maintenance slot a VM holds, with the project it was picked for.
+pub type Held = (VmName, ProjectName, Slot);
+
+/// The maintenance slots the state records.
+pub fn held_slots(state: &State) -> Vec<Held> {
+    state
+        .maintenances
+        .iter()
+        .map(|(vm, m)| {
+            let slot = slot_in(chrono_tz::UTC, m.slot_start, m.slot_end);
+            (vm.clone(), m.project.clone(), slot)
+        })
+        .collect()
+}
+
+/// The earliest slot for a VM of `project` asked for at `now`, beside the slots `held` by
+/// other VMs: within the project's `maxParallel` and the host-wide one.
+pub fn pick_slot(
+    config: &Config,
+    project: &Project,
+    held: &[Held],
+    now: DateTime<Utc>,
+) -> Option<Slot> {
+    let own: Vec<Slot> = held
+        .iter()
+        .filter(|(_, p, _)| *p == project.name)
+        .map(|h| h.2)
+        .collect();
+    let host: Vec<Slot> = held.iter().map(|h| h.2).collect();
+    let taken = Taken {
+        project: &own,
+        host: &host,
+        host_max_parallel: config.max_parallel,
+    };
+    project.maintenance.pick_slot(now, taken)
 }
 
 /// A stored slot (UTC) as a window in `tz`.

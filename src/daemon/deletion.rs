@@ -5,7 +5,6 @@ use chrono::{DateTime, NaiveDate, Utc};
 use tracing::{info, warn};
 
 use super::eventloop::Daemon;
-use super::journal;
 use super::ops::Job;
 use crate::api::{Caller, Response};
 use crate::deletion::{self, Progress, Schedule, Stage};
@@ -45,7 +44,7 @@ impl Daemon {
             },
         );
         self.changed();
-        let schedule = Schedule::new(self.config.timezone, date);
+        let schedule = Schedule::new(self.zone(vm), date);
         let by = match source {
             DeletionSource::Config => "deleteAt in the configuration".to_owned(),
             DeletionSource::Removed => "removal from the configuration".to_owned(),
@@ -65,13 +64,14 @@ impl Daemon {
             warn!(
                 message_id = Journal::Deletion.message_id(),
                 vm = vm.as_str(),
+                project = self.project(vm).name.as_str(),
                 action = "schedule-deletion",
                 reason = by.as_str(),
                 planned = true,
                 "{vm} was removed from the configuration: {reason}; declare it again to keep it"
             );
         } else {
-            journal(Journal::Deletion, vm, "schedule-deletion", &by, &reason);
+            self.journal(Journal::Deletion, vm, "schedule-deletion", &by, &reason);
         }
         self.notify_deletion(vm, "schedule-deletion", &reason, now);
     }
@@ -84,7 +84,7 @@ impl Daemon {
             return;
         }
         let text = format!("deletion cancelled: {reason}; the VM is kept as it was");
-        journal(Journal::Deletion, vm, "cancel-deletion", reason, &text);
+        self.journal(Journal::Deletion, vm, "cancel-deletion", reason, &text);
         // Told while the deletion is still on record, so the hook sees its dates.
         self.notify_deletion(vm, "cancel-deletion", reason, now);
         self.state.deletions.remove(vm);
@@ -116,6 +116,7 @@ impl Daemon {
             warn!(
                 message_id = Journal::OperationFailed.message_id(),
                 vm = vm.as_str(),
+                project = self.project(vm).name.as_str(),
                 "deletion stage {stage} refused: {e}"
             );
             return None;
@@ -155,7 +156,7 @@ impl Daemon {
         acted: &str,
         now: DateTime<Utc>,
     ) {
-        let tz = self.config.timezone;
+        let tz = self.zone(vm);
         let Some(d) = self.state.deletions.get_mut(vm) else {
             return;
         };
@@ -225,6 +226,7 @@ impl Daemon {
         info!(
             message_id = Journal::Deletion.message_id(),
             vm = vm.as_str(),
+            project = self.project(vm).name.as_str(),
             action = "deletion-stage",
             reason = what.as_str(),
             planned = true,
@@ -248,7 +250,7 @@ impl Daemon {
     /// The hook's event for a deletion carries its date, every stage's instant, and the
     /// downtime once announced.
     fn notify_deletion(&mut self, vm: &VmName, action: &str, reason: &str, now: DateTime<Utc>) {
-        let tz = self.config.timezone;
+        let tz = self.zone(vm);
         let mut event = self.hook_event(Journal::Deletion, vm, action, reason, true, now);
         if let Some(d) = self.state.deletions.get(vm) {
             let mut v = timeline_json(vm, &Schedule::new(tz, d.date));
@@ -257,8 +259,7 @@ impl Daemon {
             });
             event["deletion"] = v;
         }
-        self.state.enqueue(event, now);
-        self.changed();
+        self.notify(vm, event, now);
     }
 
     /// `vmkeeper delete NAME --at DATE`.
@@ -298,12 +299,13 @@ impl Daemon {
                 "{vm} has deleteAt = {at} in the configuration; change it there"
             ));
         }
-        if let Err(e) = deletion::check_request(self.config.timezone, now, date) {
+        let tz = self.zone(vm);
+        if let Err(e) = deletion::check_request(tz, now, date) {
             return Response::Error(format!("refused: {e}"));
         }
         self.schedule_deletion(vm, date, &DeletionSource::Cli { by: caller.name() }, now);
         self.dirty_pass();
-        let schedule = Schedule::new(self.config.timezone, date);
+        let schedule = Schedule::new(tz, date);
         Response::Ok(timeline_json(vm, &schedule))
     }
 
@@ -333,7 +335,7 @@ impl Daemon {
             }
             DeletionSource::Cli { .. } => {}
         }
-        let schedule = Schedule::new(self.config.timezone, d.date);
+        let schedule = Schedule::new(self.zone(vm), d.date);
         if let Err(e) = deletion::can_cancel(&schedule, d.progress, now) {
             return Response::Error(format!("too late to cancel: {e}"));
         }
