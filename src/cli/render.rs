@@ -118,10 +118,15 @@ pub fn plan(p: &Plan) -> String {
         p.pending
             .iter()
             .map(|x| {
+                // A host without projects reads as it always did.
+                let project = if x.project.is_default() {
+                    String::new()
+                } else {
+                    format!(" (project {})", x.project)
+                };
                 format!(
-                    "{} (project {}): pending cores {} -> {}, memoryMiB {} -> {}; reboot in slot {}, announced {}",
+                    "{}{project}: pending cores {} -> {}, memoryMiB {} -> {}; reboot in slot {}, announced {}",
                     x.vm,
-                    x.project,
                     x.from.cores,
                     x.to.cores,
                     x.from.memory_mib,

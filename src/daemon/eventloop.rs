@@ -526,7 +526,16 @@ impl Daemon {
                 }
             }
             Err(e) => {
-                let msg = format!("configuration not reloaded, keeping the old one: {e:#}");
+                // Every problem with its field path, as check-config prints them.
+                let problems = match &e {
+                    crate::config::LoadError::Invalid { problems, .. } => problems
+                        .iter()
+                        .map(|p| format!("; {p}"))
+                        .collect::<String>(),
+                    crate::config::LoadError::Read { .. } => String::new(),
+                };
+                let msg =
+                    format!("configuration not reloaded, keeping the old one: {e:#}{problems}");
                 warn!(message_id = Journal::OperationFailed.message_id(), "{msg}");
                 if let Some(reply) = reply {
                     let _ = reply.send(Response::Error(msg));
