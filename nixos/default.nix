@@ -27,6 +27,7 @@ let
     vm:
     dropNulls {
       inherit (vm)
+        project
         cores
         memoryMiB
         memoryLimitMiB
@@ -49,8 +50,31 @@ let
           };
     };
 
+  # A project's keys: only what it sets, so vmkeeper gives it the host-wide value for the rest.
+  projectSettings =
+    p:
+    let
+      maintenance = dropNulls {
+        inherit (p.maintenance)
+          window
+          weekdays
+          schedule
+          announceAhead
+          maxParallel
+          expectedDuration
+          ;
+        blackouts = if p.maintenance.blackouts == [ ] then null else p.maintenance.blackouts;
+      };
+    in
+    dropNulls {
+      inherit (p) timezone contacts authorizedGroup;
+      notifyCommand = pathString p.notifyCommand;
+      maintenance = if maintenance == { } then null else maintenance;
+    };
+
   generated = dropNulls {
-    inherit (cfg) timezone contacts authorizedGroup;
+    inherit (cfg) timezone contacts authorizedGroup operatorGroup;
+    projects = if cfg.projects == { } then null else lib.mapAttrs (_: projectSettings) cfg.projects;
     inherit stateDir runtimeDir;
     notifyCommand = pathString cfg.notifyCommand;
     maintenance = dropNulls {
@@ -122,7 +146,51 @@ let
         assertion = sharedIps == [ ];
         message = "${where}: ipAddresses ${lib.concatStringsSep ", " sharedIps} also belong to another VM";
       }
+      {
+        assertion = vm.project == null || vm.project == "default" || cfg.projects ? ${vm.project};
+        message = "${where}: project \"${toString vm.project}\" is not one of services.vmkeeper.projects (${lib.concatStringsSep ", " ([ "default" ] ++ lib.attrNames cfg.projects)})";
+      }
     ];
+
+  projectAssertions =
+    name: p:
+    let
+      where = "services.vmkeeper.projects.${name}";
+    in
+    [
+      {
+        assertion = builtins.match "[a-z][a-z0-9-]{0,62}" name != null;
+        message = "${where}: the name must be 1 to 63 characters of a-z, 0-9 and '-', starting with a letter";
+      }
+      {
+        assertion = name != "default";
+        message = "${where}: \"default\" is the project of the host-wide options; give this project another name";
+      }
+      {
+        assertion = p.maintenance.schedule == null || (p.maintenance.window == null && p.maintenance.weekdays == null);
+        message = "${where}.maintenance: schedule excludes window and weekdays";
+      }
+    ]
+    ++ map
+      (b: {
+        assertion = b.from <= b.to;
+        message = "${where}.maintenance.blackouts: ${b.from} to ${b.to} (${b.reason}) ends before it starts";
+      })
+      p.maintenance.blackouts;
+
+  # The group that may act on each project's VMs, the host-wide one where it names none.
+  projectGroup = p: if p.authorizedGroup == null then cfg.authorizedGroup else p.authorizedGroup;
+  projectOf = vm: if vm.project == null then "default" else vm.project;
+  usedProjects = lib.unique (map projectOf (lib.attrValues cfg.vms));
+  groupOf = name: if name == "default" || !(cfg.projects ? ${name}) then cfg.authorizedGroup else projectGroup cfg.projects.${name};
+  sharedGroupWarnings = lib.concatMap
+    (name:
+      let
+        others = lib.filter (other: other < name && groupOf other == groupOf name) usedProjects;
+      in
+      lib.optional (others != [ ])
+        "services.vmkeeper.projects.${name}: authorizedGroup ${groupOf name} is also that of project ${lib.head others}; its members may act on the VMs of both")
+    usedProjects;
 
   otherVms = name: lib.attrValues (lib.filterAttrs (other: _: other != name) cfg.vms);
 in
@@ -135,7 +203,9 @@ in
       configFile = validated;
     };
 
-    assertions = lib.concatLists (lib.mapAttrsToList vmAssertions cfg.vms) ++ [
+    assertions = lib.concatLists (lib.mapAttrsToList vmAssertions cfg.vms)
+      ++ lib.concatLists (lib.mapAttrsToList projectAssertions cfg.projects)
+      ++ [
       {
         assertion =
           cfg.maintenance.schedule == null
@@ -154,20 +224,26 @@ in
       })
       cfg.maintenance.blackouts;
 
-    warnings = lib.concatLists (
-      lib.mapAttrsToList
-        (
-          name: vm:
-            lib.optional (vm.diskGiB >= hugeDiskGiB && vm.allowHugeDisk)
-              "services.vmkeeper.vms.${name}: a ${toString vm.diskGiB} GiB disk is allowed by allowHugeDisk; object storage is the better home for data of this size"
-        )
-        cfg.vms
-    );
+    warnings = lib.concatLists
+      (
+        lib.mapAttrsToList
+          (
+            name: vm:
+              lib.optional (vm.diskGiB >= hugeDiskGiB && vm.allowHugeDisk)
+                "services.vmkeeper.vms.${name}: a ${toString vm.diskGiB} GiB disk is allowed by allowHugeDisk; object storage is the better home for data of this size"
+          )
+          cfg.vms
+      ) ++ sharedGroupWarnings;
 
     environment.etc."vmkeeper/config.json".source = cfg.configFile;
     environment.systemPackages = [ cfg.package ];
 
-    users.groups.${cfg.authorizedGroup} = { };
+    # Every group that may act on VMs: the host-wide one, each project's, the operators'.
+    users.groups = lib.genAttrs
+      (lib.unique ([ cfg.authorizedGroup ]
+        ++ map projectGroup (lib.attrValues cfg.projects)
+        ++ lib.optional (cfg.operatorGroup != null) cfg.operatorGroup))
+      (_: { });
 
     # QEMU's user: no login, no home, in kvm for /dev/kvm. One for all VMs (see
     # docs/development/security.md for why not one per VM).

@@ -31,6 +31,12 @@ let
   alertmanagerUrl = types.strMatching "http://[^/?#@ ]+(/[^?# ]*)?" // {
     description = "http:// URL (such as \"http://127.0.0.1:9093\")";
   };
+  groupName = types.strMatching "[a-z_][a-z0-9_-]{0,31}" // {
+    description = "group name";
+  };
+  zoneName = types.strMatching "[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*" // {
+    description = "IANA time zone name";
+  };
   weekday = types.enum [
     "mon"
     "tue"
@@ -126,10 +132,134 @@ let
     };
   };
 
+  # A project's maintenance: every key null takes the host-wide one (services.vmkeeper.maintenance).
+  inherited = "null # the host-wide value";
+  projectMaintenanceOptions = {
+    options = {
+      window = mkOption {
+        type = types.nullOr window;
+        default = null;
+        defaultText = literalExpression inherited;
+        example = "01:00-05:00";
+        description = ''
+          Daily window in the project's time zone. Without `window`, `weekdays` or `schedule`
+          the project has the host's windows (in its own zone); a `schedule` replaces the
+          host's window and weekdays, a `window` keeps the host's `weekdays` and vice versa.
+        '';
+      };
+      weekdays = mkOption {
+        type = types.nullOr (types.listOf weekday);
+        default = null;
+        defaultText = literalExpression inherited;
+        description = "Days on which the project's windows start.";
+      };
+      schedule = mkOption {
+        type = types.nullOr (
+          types.submodule {
+            options = {
+              cron = mkOption {
+                type = types.str;
+                description = "Cron expression (seconds first) giving window starts, in the project's time zone.";
+              };
+              length = mkOption {
+                type = duration;
+                description = "Length of each window.";
+              };
+            };
+          }
+        );
+        default = null;
+        defaultText = literalExpression inherited;
+        description = "Window starts from a cron expression, instead of `window` and `weekdays`.";
+      };
+      announceAhead = mkOption {
+        type = types.nullOr duration;
+        default = null;
+        defaultText = literalExpression inherited;
+        description = "A slot of the project starts no sooner than this after it is announced.";
+      };
+      maxParallel = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        defaultText = literalExpression inherited;
+        description = ''
+          How many VMs of the project may be in maintenance at once. The host-wide
+          {option}`services.vmkeeper.maintenance.maxParallel` limits all projects together.
+        '';
+      };
+      expectedDuration = mkOption {
+        type = types.nullOr duration;
+        default = null;
+        defaultText = literalExpression inherited;
+        description = "Planned length of one maintenance reboot of the project's VMs.";
+      };
+      blackouts = mkOption {
+        type = types.listOf (types.submodule blackoutOptions);
+        default = [ ];
+        description = ''
+          The project's own blackouts, local dates in its time zone. The host-wide blackouts
+          apply to every project as well, in the host's time zone.
+        '';
+      };
+    };
+  };
+
+  projectOptions = {
+    options = {
+      timezone = mkOption {
+        type = types.nullOr zoneName;
+        default = null;
+        defaultText = literalExpression inherited;
+        example = "America/New_York";
+        description = "IANA time zone of the project's windows, blackouts and deletion dates.";
+      };
+      maintenance = mkOption {
+        type = types.submodule projectMaintenanceOptions;
+        default = { };
+        description = "The project's maintenance policy; each key defaults to the host-wide one.";
+      };
+      contacts = mkOption {
+        type = types.nullOr (types.listOf types.str);
+        default = null;
+        defaultText = literalExpression inherited;
+        example = [ "it@shop.example" ];
+        description = "Technical contacts that the project's announcements and alarms go to.";
+      };
+      notifyCommand = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        defaultText = literalExpression inherited;
+        description = "Hook run for each of the project's announcements and alarms (its JSON names the project).";
+      };
+      authorizedGroup = mkOption {
+        type = types.nullOr groupName;
+        default = null;
+        defaultText = literalExpression inherited;
+        example = "shop-admins";
+        description = ''
+          Group whose members may reboot, request maintenance for, delete and cancel-delete
+          this project's VMs, and see them in `vmkeeper status`. The module creates it. Give
+          every customer its own: a project without one shares the host-wide group.
+        '';
+      };
+    };
+  };
+
   vmOptions =
     { name, ... }:
     {
       options = {
+        project = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          defaultText = literalExpression "null # the default project";
+          example = "shop";
+          description = ''
+            The project (customer) the VM belongs to: a name in
+            {option}`services.vmkeeper.projects`. Without one it is in the default project,
+            whose values are the host-wide options.
+          '';
+        };
         cores = mkOption {
           type = types.ints.between 1 12;
           example = 2;
@@ -265,25 +395,30 @@ in
     };
 
     timezone = mkOption {
-      type = types.strMatching "[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*";
+      type = zoneName;
       default = "Europe/Berlin";
       description = ''
-        IANA time zone of maintenance windows, blackouts and deletion dates. Independent
-        of `time.timeZone`: these are times promised to the VMs' users.
+        IANA time zone of maintenance windows, blackouts and deletion dates of the default
+        project, and of every project that sets none; host-wide blackouts are in it.
+        Independent of `time.timeZone`: these are times promised to the VMs' users.
       '';
     };
 
     maintenance = mkOption {
       type = types.submodule maintenanceOptions;
       default = { };
-      description = "The maintenance policy: when reboots that apply changes may happen.";
+      description = ''
+        The maintenance policy of the default project and the default of every project's;
+        its `maxParallel` limits the maintenances of all projects together and its
+        blackouts apply to every project.
+      '';
     };
 
     contacts = mkOption {
       type = types.listOf types.str;
       default = [ ];
       example = [ "ops@example.com" ];
-      description = "Technical contacts that announcements go to.";
+      description = "Technical contacts that announcements go to (of the default project, and of every project that names none).";
     };
 
     notifyCommand = mkOption {
@@ -298,11 +433,43 @@ in
     };
 
     authorizedGroup = mkOption {
-      type = types.strMatching "[a-z_][a-z0-9_-]*";
+      type = groupName;
       default = "sudo-srv";
       description = ''
         Group whose members (and root) may reboot at once, request maintenance and delete
-        VMs through `vmkeeper`. The module creates it.
+        the default project's VMs through `vmkeeper`, and those of every project that names
+        no group of its own. The module creates it.
+      '';
+    };
+
+    operatorGroup = mkOption {
+      type = types.nullOr groupName;
+      default = null;
+      example = "vmkeeper-operators";
+      description = ''
+        Host-wide operators: members may act on (and see) the VMs of every project. Without
+        one only root may. The module creates it. Never a customer's group.
+      '';
+    };
+
+    projects = mkOption {
+      type = types.attrsOf (types.submodule projectOptions);
+      default = { };
+      example = literalExpression ''
+        {
+          shop = {
+            timezone = "America/New_York";
+            contacts = [ "it@shop.example" ];
+            authorizedGroup = "shop-admins";
+            maintenance.window = "01:00-05:00";
+          };
+        }
+      '';
+      description = ''
+        Projects (customers), by name (1 to 63 of `a-z`, `0-9` and `-`, starting with a
+        letter; `default` is the implicit project of the host-wide options). Each has its own
+        maintenance policy, time zone, contacts, hook and authorized group, every one
+        defaulting to the host-wide option.
       '';
     };
 

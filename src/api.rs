@@ -98,7 +98,7 @@ pub enum Request {
 }
 
 impl Request {
-    /// Whether the request changes anything (and so needs the authorized group).
+    /// Whether the request changes anything (and so needs an authorized group).
     pub fn is_mutating(&self) -> bool {
         match self {
             Request::Status | Request::MaintenanceList => false,
@@ -131,8 +131,9 @@ pub struct Caller {
     pub uid: u32,
     /// User name, when the uid has one.
     pub user: Option<String>,
-    /// Whether the caller is root or in the authorized group.
-    pub authorized: bool,
+    /// Its groups, primary and supplementary; what it may act on is decided per request
+    /// (`access::scope`).
+    pub gids: Vec<u32>,
 }
 
 impl Caller {
@@ -218,13 +219,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
 /// of their own, so root is never locked out); more are refused at once, not queued. `answer`
 /// turns a request into its response. Never returns; `accept` errors (such as running out of
 /// file descriptors) are waited out with a growing pause instead of spinning.
-pub fn serve<F, Fut>(listener: UnixListener, authorized_group: String, answer: F)
+pub fn serve<F, Fut>(listener: UnixListener, answer: F)
 where
     F: Fn(Request, Caller) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response> + Send + 'static,
 {
     let answer = Arc::new(answer);
-    let group: Arc<str> = authorized_group.into();
     let slots = Slots::default();
     tokio::spawn(async move {
         let mut pause = Duration::from_millis(10);
@@ -250,14 +250,10 @@ where
                     stream.try_write(b"{\"error\":\"the daemon is busy: too many connections\"}\n");
                 continue;
             };
-            let (answer, group) = (answer.clone(), group.clone());
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let _slot = slot;
-                let resp = match tokio::time::timeout(
-                    READ_TIMEOUT,
-                    read_request(&mut stream, &group),
-                )
-                .await
+                let resp = match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await
                 {
                     Ok(Ok((req, caller))) => {
                         match tokio::time::timeout(ANSWER_TIMEOUT, answer(req, caller)).await {
@@ -347,14 +343,10 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Reads one request from an accepted connection, with the caller's identity.
-pub async fn read_request(
-    stream: &mut UnixStream,
-    authorized_group: &str,
-) -> Result<(Request, Caller), ApiError> {
+pub async fn read_request(stream: &mut UnixStream) -> Result<(Request, Caller), ApiError> {
     let cred = peer::peer_cred(stream).map_err(ApiError::Peer)?;
-    let group = authorized_group.to_owned();
-    // The user and group databases may be remote (NSS): looked up off the runtime's threads.
-    let caller = tokio::task::spawn_blocking(move || identify(&cred, &group))
+    // The user database may be remote (NSS): looked up off the runtime's threads.
+    let caller = tokio::task::spawn_blocking(move || identify(&cred))
         .await
         .map_err(|e| ApiError::Io(std::io::Error::other(e)))?;
     let mut line = Vec::new();
@@ -402,15 +394,15 @@ pub async fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Respo
         .map_err(|_| ApiError::Timeout(timeout))?
 }
 
-/// The caller's name and whether it is root or holds `group`, as primary or supplementary
-/// group: the groups the kernel recorded for the peer when it connected, not what the group
-/// database says about the user now.
-pub fn identify(cred: &PeerCred, group: &str) -> Caller {
-    let authorized = cred.uid == 0 || peer::group_id(group).is_some_and(|gid| cred.in_group(gid));
+/// The caller's name and groups: its primary and supplementary groups as the kernel
+/// recorded them for the peer when it connected, not what the group database says now.
+pub fn identify(cred: &PeerCred) -> Caller {
+    let mut gids = vec![cred.gid];
+    gids.extend(cred.groups.iter().copied().filter(|g| *g != cred.gid));
     Caller {
         uid: cred.uid,
         user: peer::user_name(cred.uid),
-        authorized,
+        gids,
     }
 }
 
@@ -419,25 +411,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn root_is_authorized_and_others_only_through_their_kernel_groups() {
+    fn a_callers_groups_are_the_kernels() {
         let cred = |uid, gid, groups: &[u32]| PeerCred {
             pid: 1,
             uid,
             gid,
             groups: groups.to_vec(),
         };
-        let root = identify(&cred(0, 0, &[]), "sudo-srv");
+        let root = identify(&cred(0, 0, &[]));
         assert_eq!(root.user.as_deref(), Some("root"));
-        assert!(root.authorized);
-        assert!(!identify(&cred(65534, 65534, &[]), "sudo-srv").authorized);
-        // Group "root" (gid 0) held as primary or supplementary group authorizes anyone.
-        assert!(identify(&cred(65534, 0, &[]), "root").authorized);
-        assert!(identify(&cred(65534, 65534, &[7, 0]), "root").authorized);
-        let ghost = identify(&cred(4_000_000, 4_000_000, &[]), "root");
+        assert_eq!(root.gids, [0]);
+        let other = identify(&cred(65534, 65534, &[7, 65534, 0]));
+        assert_eq!(other.gids, [65534, 7, 0]);
+        let ghost = identify(&cred(4_000_000, 4_000_000, &[]));
         assert_eq!(ghost.user, None);
-        assert!(!ghost.authorized);
-        // A group the database does not know authorizes nobody but root.
-        assert!(!identify(&cred(65534, 0, &[0]), "no-such-group-here").authorized);
+        assert_eq!(peer::group_id("root"), Some(0));
+        assert_eq!(peer::group_id("no-such-group-here"), None);
     }
 
     #[tokio::test]
@@ -447,7 +436,7 @@ mod tests {
         let listener = bind(&path).unwrap();
         let server = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
-            let (req, caller) = read_request(&mut s, "sudo-srv").await.unwrap();
+            let (req, caller) = read_request(&mut s).await.unwrap();
             write_response(
                 &mut s,
                 &Response::Ok(serde_json::json!({ "uid": caller.uid })),

@@ -2,9 +2,10 @@
 //! disks in Ceph RBD, maintenance reboots in announced windows and staged deletion.
 //!
 //! The decision-making core (`config`, `model`, `maintenance`, `deletion`, `plan`,
-//! `supervisor`) is pure: no clock, no I/O, no async. Everything that touches the world lives in `exec` and is
+//! `supervisor`, `access`) is pure: no clock, no I/O, no async. Everything that touches the world lives in `exec` and is
 //! driven by the daemon.
 
+pub mod access;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -67,6 +67,9 @@ pub enum WindowRule {
 /// Local dates, both inclusive, on which nothing is scheduled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blackout {
+    /// The zone the dates are local to: the host's for a host-wide blackout (it applies to
+    /// every project), the project's for a project's own.
+    pub tz: Tz,
     /// First day of the freeze.
     pub from: NaiveDate,
     /// Last day of the freeze.
@@ -75,21 +78,44 @@ pub struct Blackout {
     pub reason: String,
 }
 
-/// A host's maintenance policy.
+/// A project's maintenance policy.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    /// Zone of all wall-clock times.
+    /// Zone of the windows' wall-clock times.
     pub tz: Tz,
     /// The windows.
     pub rule: WindowRule,
     /// A slot starts no sooner than this after it is announced.
     pub announce_ahead: TimeDelta,
-    /// How many VMs may be in maintenance at once.
+    /// How many VMs of the project may be in maintenance at once (the host-wide limit is
+    /// on top: [`Taken::host_max_parallel`]).
     pub max_parallel: u32,
     /// Planned length of one maintenance reboot.
     pub expected_duration: TimeDelta,
-    /// Freezes.
+    /// Freezes: the host-wide ones and the project's own.
     pub blackouts: Vec<Blackout>,
+}
+
+/// The slots other VMs hold when one more is picked: those of the same project (limited by
+/// the policy's `max_parallel`) and all of the host's, which include them (limited by
+/// `host_max_parallel`).
+#[derive(Debug, Clone, Copy)]
+pub struct Taken<'a> {
+    /// Slots of the project's other VMs.
+    pub project: &'a [Slot],
+    /// Slots of every other VM of the host, the project's included.
+    pub host: &'a [Slot],
+    /// How many VMs of the host may be in maintenance at once, whatever their project.
+    pub host_max_parallel: u32,
+}
+
+impl Taken<'_> {
+    /// Nothing taken, no host-wide limit below the project's.
+    pub const NONE: Taken<'static> = Taken {
+        project: &[],
+        host: &[],
+        host_max_parallel: u32::MAX,
+    };
 }
 
 /// A concrete maintenance window: `[start, end)`.
@@ -197,8 +223,9 @@ impl Policy {
     fn cut_blackouts(&self, w: Window) -> Vec<Window> {
         let mut pieces = vec![w];
         for b in &self.blackouts {
-            let b_start = start_of_day(self.tz, b.from);
-            let b_end = start_of_day(self.tz, b.to.succ_opt().unwrap_or(b.to));
+            // A blackout's instants come from its own zone; the pieces stay in the policy's.
+            let b_start = start_of_day(b.tz, b.from).with_timezone(&self.tz);
+            let b_end = start_of_day(b.tz, b.to.succ_opt().unwrap_or(b.to)).with_timezone(&self.tz);
             pieces = pieces
                 .into_iter()
                 .flat_map(|p| {
@@ -217,7 +244,7 @@ impl Policy {
         pieces
     }
 
-    /// The blackout that covers local date `d`, if any.
+    /// The blackout that covers date `d` (local to the blackout's zone), if any.
     pub fn blackout_on(&self, d: NaiveDate) -> Option<&Blackout> {
         self.blackouts.iter().find(|b| b.from <= d && d <= b.to)
     }
@@ -225,19 +252,30 @@ impl Policy {
     /// The earliest slot for one maintenance announced at `now`.
     ///
     /// It starts on a whole minute, no sooner than `now + announce_ahead`; the whole expected
-    /// duration lies inside one effective window; and together with the `taken` slots of other
-    /// VMs no more than `max_parallel` maintenances overlap. `None` when nothing fits within
+    /// duration lies inside one effective window; and no more than `max_parallel`
+    /// maintenances of the project, and no more than the host-wide limit of all, overlap
+    /// (counting the `taken` slots of other VMs). `None` when nothing fits within
     /// [`HORIZON_DAYS`].
-    pub fn pick_slot(&self, now: DateTime<Utc>, taken: &[Slot]) -> Option<Slot> {
+    pub fn pick_slot(&self, now: DateTime<Utc>, taken: Taken<'_>) -> Option<Slot> {
         let earliest = ceil_minute(now + self.announce_ahead).with_timezone(&self.tz);
         let dur = self.expected_duration;
+        let overlapping = |slots: &[Slot], start: DateTime<Tz>, end: DateTime<Tz>| {
+            slots
+                .iter()
+                .filter(|s| s.start < end && start < s.end)
+                .count()
+        };
         for w in self.windows(earliest.with_timezone(&Utc)) {
             let lo = ceil_minute_tz(w.start.max(earliest));
             // The earliest valid start is either the lower bound or the moment another slot
             // ends: moving a start earlier only ever adds overlaps when it crosses such an end.
+            // Both limits count only overlaps, so the ends of the slots of either list are
+            // all the candidates there are.
             let mut candidates: Vec<DateTime<Tz>> = taken
+                .host
                 .iter()
-                .map(|s| ceil_minute_tz(s.end))
+                .chain(taken.project)
+                .map(|s| ceil_minute_tz(s.end).with_timezone(&self.tz))
                 .filter(|e| *e > lo && *e < w.end)
                 .collect();
             candidates.push(lo);
@@ -247,11 +285,9 @@ impl Policy {
                 if end > w.end {
                     break;
                 }
-                let overlapping = taken
-                    .iter()
-                    .filter(|s| s.start < end && start < s.end)
-                    .count();
-                if overlapping < self.max_parallel as usize {
+                if overlapping(taken.project, start, end) < self.max_parallel as usize
+                    && overlapping(taken.host, start, end) < taken.host_max_parallel as usize
+                {
                     return Some(Slot { start, end });
                 }
             }

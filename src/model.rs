@@ -15,7 +15,7 @@ pub const MAX_NAME_LEN: usize = 63;
 #[serde(try_from = "String", into = "String")]
 pub struct VmName(String);
 
-/// Why a string is not a valid VM name.
+/// Why a string is not a valid VM or project name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VmNameError {
     /// Empty or longer than [`MAX_NAME_LEN`].
@@ -52,23 +52,29 @@ impl VmName {
     }
 }
 
+/// The DNS-label rule VM and project names follow.
+fn check_label(s: &str) -> Result<(), VmNameError> {
+    let len = s.chars().count();
+    if len == 0 || len > MAX_NAME_LEN {
+        return Err(VmNameError::Length(len));
+    }
+    if !s.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Err(VmNameError::Start);
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(VmNameError::Char(c));
+    }
+    Ok(())
+}
+
 impl FromStr for VmName {
     type Err = VmNameError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let len = s.chars().count();
-        if len == 0 || len > MAX_NAME_LEN {
-            return Err(VmNameError::Length(len));
-        }
-        if !s.starts_with(|c: char| c.is_ascii_lowercase()) {
-            return Err(VmNameError::Start);
-        }
-        if let Some(c) = s
-            .chars()
-            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
-        {
-            return Err(VmNameError::Char(c));
-        }
+        check_label(s)?;
         Ok(Self(s.to_owned()))
     }
 }
@@ -88,6 +94,129 @@ impl From<VmName> for String {
 }
 
 impl fmt::Display for VmName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A project (a customer): its name follows the VM name rule, because it becomes a journal
+/// field, a metrics label and part of messages. VMs without a project are in
+/// [`ProjectName::DEFAULT`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ProjectName(String);
+
+impl ProjectName {
+    /// The implicit project of VMs that name none; the host-wide keys are its values.
+    pub const DEFAULT: &'static str = "default";
+
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether this is the implicit default project.
+    pub fn is_default(&self) -> bool {
+        self.0 == Self::DEFAULT
+    }
+}
+
+// Projects are looked up by `&str` too (the default project's name is a constant); the
+// derived order is that of the string, as `Borrow` requires.
+impl std::borrow::Borrow<str> for ProjectName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for ProjectName {
+    /// The default project: what state written before projects existed belongs to.
+    fn default() -> ProjectName {
+        ProjectName(Self::DEFAULT.to_owned())
+    }
+}
+
+impl FromStr for ProjectName {
+    type Err = VmNameError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        check_label(s)?;
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for ProjectName {
+    type Error = VmNameError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<ProjectName> for String {
+    fn from(n: ProjectName) -> String {
+        n.0
+    }
+}
+
+impl fmt::Display for ProjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A Unix group name as `groupadd` accepts it: `a-z`, `0-9`, `_`, `-`, at most 32, starting
+/// with a letter or `_`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct GroupName(String);
+
+/// Why a string is not a group name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?} is not a group name (a-z, 0-9, '_', '-', at most 32, starting with a letter or '_')"
+)]
+pub struct GroupNameError(String);
+
+impl GroupName {
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for GroupName {
+    type Err = GroupNameError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ok = !s.is_empty()
+            && s.len() <= 32
+            && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(GroupNameError(s.to_owned()))
+        }
+    }
+}
+
+impl TryFrom<String> for GroupName {
+    type Error = GroupNameError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<GroupName> for String {
+    fn from(n: GroupName) -> String {
+        n.0
+    }
+}
+
+impl fmt::Display for GroupName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
@@ -222,6 +351,8 @@ pub struct DirectBoot {
 pub struct VmSpec {
     /// The VM's name.
     pub name: VmName,
+    /// The project it belongs to ([`ProjectName::DEFAULT`] when it names none).
+    pub project: ProjectName,
     /// Declared resources.
     pub resources: Resources,
     /// Operator-set memory ceiling in MiB.

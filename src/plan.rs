@@ -12,11 +12,11 @@ use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, Project};
 use crate::deletion::{self, Progress, Schedule, Stage};
 use crate::localtime::{rfc3339, ser_instant};
-use crate::maintenance::{Slot, Window};
-use crate::model::{BaseImage, Resources, VmName, VmSpec};
+use crate::maintenance::{Slot, Taken, Window};
+use crate::model::{BaseImage, ProjectName, Resources, VmName, VmSpec};
 use crate::state::{Deletion, DeletionSource, Reason, State};
 
 /// What the daemon saw of one VM.
@@ -117,6 +117,8 @@ pub enum Action {
     ScheduleMaintenance {
         /// The VM.
         vm: VmName,
+        /// The project whose windows the slot is in and whose contacts hear of it.
+        project: ProjectName,
         /// The slot.
         slot: Slot,
         /// Why.
@@ -169,6 +171,8 @@ pub enum Action {
 pub struct Pending {
     /// The VM.
     pub vm: VmName,
+    /// Its project, in whose zone the slot is given.
+    pub project: ProjectName,
     /// What runs.
     pub from: Resources,
     /// What is declared.
@@ -240,7 +244,7 @@ pub struct DeletionTimeline {
 
 /// A destructive deletion stage that is due but waits for a trustworthy clock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Held {
+pub struct HeldStage {
     /// The VM.
     pub vm: VmName,
     /// The stage.
@@ -281,7 +285,7 @@ pub struct Plan {
     /// Things to say loudly.
     pub warnings: Vec<String>,
     /// Destructive stages held back by an untrusted clock.
-    pub held: Vec<Held>,
+    pub held: Vec<HeldStage>,
     /// VMs removed from the configuration whose deletion waits for a confirmation.
     pub awaiting_removal: Vec<VmName>,
 }
@@ -294,7 +298,6 @@ pub fn plan(config: &Config, observed: &Observed, state: &State, now: DateTime<U
         observed,
         state,
         now,
-        tz,
         plan: Plan {
             now: now.with_timezone(&tz),
             timezone: tz.name().to_owned(),
@@ -307,11 +310,7 @@ pub fn plan(config: &Config, observed: &Observed, state: &State, now: DateTime<U
             held: vec![],
             awaiting_removal: vec![],
         },
-        taken: state
-            .maintenances
-            .values()
-            .map(|m| slot_in(tz, m.slot_start, m.slot_end))
-            .collect(),
+        taken: held_slots(state),
     };
     for spec in config.vms.values() {
         p.declared(spec);
@@ -322,7 +321,7 @@ pub fn plan(config: &Config, observed: &Observed, state: &State, now: DateTime<U
             p.timeline(name, &d.schedule(tz), &d.source, d.progress);
         }
         if !d.progress.has_done(Stage::ReleaseName) {
-            let free_on = d.schedule(tz).date_of(Stage::ReleaseName);
+            let free_on = d.schedule(p.zone(name)).date_of(Stage::ReleaseName);
             p.plan.reserved_names.push(ReservedName {
                 vm: name.clone(),
                 free_on,
@@ -337,13 +336,23 @@ struct Planner<'a> {
     observed: &'a Observed,
     state: &'a State,
     now: DateTime<Utc>,
-    tz: Tz,
     plan: Plan,
-    /// Maintenance slots already held, so new ones are spread by `maxParallel`.
-    taken: Vec<Slot>,
+    /// Maintenance slots already held, by VM and project, so new ones are spread by each
+    /// project's `maxParallel` and the host-wide one.
+    taken: Vec<Held>,
 }
 
-impl Planner<'_> {
+impl<'a> Planner<'a> {
+    /// The project `vm` belongs to: as declared, or as recorded for a VM no longer declared.
+    fn project(&self, vm: &VmName) -> &'a Project {
+        self.config.project_of(vm, self.state.projects.get(vm))
+    }
+
+    /// The zone of `vm`'s deletion dates and maintenance slots: its project's.
+    fn zone(&self, vm: &VmName) -> Tz {
+        self.project(vm).tz()
+    }
+
     fn refuse(&mut self, vm: &VmName, field: &str, message: String) {
         self.plan.refusals.push(Refusal {
             vm: vm.clone(),
@@ -383,7 +392,7 @@ impl Planner<'_> {
                 return;
             }
         } else if let Some(date) = spec.delete_at {
-            match deletion::check_request(self.tz, self.now, date) {
+            match deletion::check_request(self.zone(name), self.now, date) {
                 Ok(_) => {
                     self.act(Action::ScheduleDeletion {
                         vm: name.clone(),
@@ -392,7 +401,7 @@ impl Planner<'_> {
                     });
                     self.timeline(
                         name,
-                        &Schedule::new(self.tz, date),
+                        &Schedule::new(self.zone(name), date),
                         &DeletionSource::Config,
                         Progress::Scheduled,
                     );
@@ -426,10 +435,10 @@ impl Planner<'_> {
     /// lifecycle applies.
     fn declared_with_deletion(&mut self, spec: &VmSpec, d: &Deletion) -> bool {
         let name = &spec.name;
-        let schedule = d.schedule(self.tz);
+        let schedule = d.schedule(self.zone(name));
         if d.progress.has_done(Stage::Purge) {
             // The remaining stages run whether or not the name is declared again.
-            self.timeline(name, &d.schedule(self.tz), &d.source, d.progress);
+            self.timeline(name, &d.schedule(self.zone(name)), &d.source, d.progress);
             let free = schedule.date_of(Stage::ReleaseName);
             self.refuse(
                 name,
@@ -462,7 +471,8 @@ impl Planner<'_> {
             let ok = deletion::can_cancel(&schedule, d.progress, self.now)
                 .map_err(|e| format!("cannot move the deletion: {e}"))
                 .and_then(|()| {
-                    deletion::check_request(self.tz, self.now, date).map_err(|e| e.to_string())
+                    deletion::check_request(self.zone(name), self.now, date)
+                        .map_err(|e| e.to_string())
                 });
             match ok {
                 Ok(_) => {
@@ -473,7 +483,7 @@ impl Planner<'_> {
                     });
                     self.timeline(
                         name,
-                        &Schedule::new(self.tz, date),
+                        &Schedule::new(self.zone(name), date),
                         &DeletionSource::Config,
                         Progress::Scheduled,
                     );
@@ -482,7 +492,7 @@ impl Planner<'_> {
                 Err(e) => self.refuse(name, ".deleteAt", e),
             }
         }
-        self.timeline(name, &d.schedule(self.tz), &d.source, d.progress);
+        self.timeline(name, &d.schedule(self.zone(name)), &d.source, d.progress);
         // After the shutdown the VM stays off until the deletion is cancelled.
         !d.progress.has_done(Stage::Shutdown) && schedule.t() > self.now
     }
@@ -524,7 +534,7 @@ impl Planner<'_> {
                 .filter(|ip| d.ip_addresses.contains(ip))
                 .collect();
             for ip in held {
-                let purge = d.schedule(self.tz).date_of(Stage::Purge);
+                let purge = d.schedule(self.zone(other)).date_of(Stage::Purge);
                 self.refuse(
                     &spec.name,
                     ".ipAddresses",
@@ -654,7 +664,8 @@ impl Planner<'_> {
             }
             return;
         };
-        let slot = slot_in(self.tz, m.slot_start, m.slot_end);
+        let project = self.project(name);
+        let slot = slot_in(project.tz(), m.slot_start, m.slot_end);
         if reasons.is_empty() {
             self.act(Action::CancelMaintenance {
                 vm: name.clone(),
@@ -662,9 +673,25 @@ impl Planner<'_> {
             });
             return;
         }
+        if m.project != project.name {
+            // Moved to another project: its slot was picked in the old project's windows and
+            // announced to the old contacts. They hear it is off; the new ones get a slot of
+            // the new project's.
+            self.act(Action::CancelMaintenance {
+                vm: name.clone(),
+                reason: format!(
+                    "{name} moved from project {} to project {}; its maintenance is planned \
+                     and announced there",
+                    m.project, project.name
+                ),
+            });
+            self.taken.retain(|(vm, ..)| vm != name);
+            self.schedule(name, running, declared, reasons, None);
+            return;
+        }
         // The contacts must have been told `announceAhead` before the slot: an announcement
         // the hook has not taken by then (or took too late) moves the maintenance.
-        let deadline = m.slot_start - self.config.maintenance.announce_ahead;
+        let deadline = m.slot_start - project.maintenance.announce_ahead;
         let untold = match m.announced() {
             Some(t) => t > deadline,
             None => self.now > deadline,
@@ -672,13 +699,14 @@ impl Planner<'_> {
         if slot.end <= self.now || untold {
             // Missed (the host or daemon was down), or not announced in time: never run
             // outside a window, never unannounced.
-            self.taken.retain(|s| *s != slot);
+            self.taken.retain(|(vm, ..)| vm != name);
             self.schedule(name, running, declared, reasons, Some(slot));
             return;
         }
         if reasons != m.reasons {
             self.act(Action::ScheduleMaintenance {
                 vm: name.clone(),
+                project: project.name.clone(),
                 slot,
                 reasons: reasons.clone(),
                 replaces: Some(slot),
@@ -693,10 +721,11 @@ impl Planner<'_> {
         if applied.needs_reboot_for(&declared) {
             self.plan.pending.push(Pending {
                 vm: name.clone(),
+                project: project.name.clone(),
                 from: running,
                 to: declared,
                 slot,
-                announced_at: m.announced_at.with_timezone(&self.tz),
+                announced_at: m.announced_at.with_timezone(&project.tz()),
             });
         }
     }
@@ -709,7 +738,8 @@ impl Planner<'_> {
         reasons: Vec<Reason>,
         replaces: Option<Slot>,
     ) {
-        let Some(slot) = self.config.maintenance.pick_slot(self.now, &self.taken) else {
+        let project = self.project(name);
+        let Some(slot) = pick_slot(self.config, project, &self.taken, self.now) else {
             self.refuse(
                 name,
                 "",
@@ -720,18 +750,20 @@ impl Planner<'_> {
             );
             return;
         };
-        self.taken.push(slot);
+        self.taken.push((name.clone(), project.name.clone(), slot));
         if running.needs_reboot_for(&declared) {
             self.plan.pending.push(Pending {
                 vm: name.clone(),
+                project: project.name.clone(),
                 from: running,
                 to: declared,
                 slot,
-                announced_at: self.now.with_timezone(&self.tz),
+                announced_at: self.now.with_timezone(&project.tz()),
             });
         }
         self.act(Action::ScheduleMaintenance {
             vm: name.clone(),
+            project: project.name.clone(),
             slot,
             reasons,
             replaces,
@@ -770,8 +802,12 @@ impl Planner<'_> {
 
     /// A VM that exists but is no longer declared: its deletion is scheduled, loudly.
     fn undeclared(&mut self, name: &VmName) {
-        let date = deletion::earliest_date(self.tz, self.now);
-        let schedule = Schedule::new(self.tz, date);
+        if self.state.deletions.contains_key(name) {
+            return;
+        }
+        let tz = self.zone(name);
+        let date = deletion::earliest_date(tz, self.now);
+        let schedule = Schedule::new(tz, date);
         self.plan.warnings.push(format!(
             "{name} was removed from the configuration: it is deleted on {date} (shut down at {}); \
              declare it again before {} to keep it",
@@ -785,7 +821,7 @@ impl Planner<'_> {
         });
         self.timeline(
             name,
-            &Schedule::new(self.tz, date),
+            &Schedule::new(self.zone(name), date),
             &DeletionSource::Removed,
             Progress::Scheduled,
         );
@@ -812,7 +848,7 @@ impl Planner<'_> {
         if let Some(why) = &self.observed.clock_untrusted {
             // A destructive stage waits for a clock that can be trusted.
             for stage in due.iter().filter(|s| s.destructive()) {
-                self.plan.held.push(Held {
+                self.plan.held.push(HeldStage {
                     vm: name.clone(),
                     stage: *stage,
                     reason: why.clone(),
@@ -848,6 +884,43 @@ impl Planner<'_> {
             cancellable_until: schedule.at(Stage::Purge),
         });
     }
+}
+
+/// A maintenance slot a VM holds, with the project it was picked for.
+pub type Held = (VmName, ProjectName, Slot);
+
+/// The maintenance slots the state records.
+pub fn held_slots(state: &State) -> Vec<Held> {
+    state
+        .maintenances
+        .iter()
+        .map(|(vm, m)| {
+            let slot = slot_in(chrono_tz::UTC, m.slot_start, m.slot_end);
+            (vm.clone(), m.project.clone(), slot)
+        })
+        .collect()
+}
+
+/// The earliest slot for a VM of `project` asked for at `now`, beside the slots `held` by
+/// other VMs: within the project's `maxParallel` and the host-wide one.
+pub fn pick_slot(
+    config: &Config,
+    project: &Project,
+    held: &[Held],
+    now: DateTime<Utc>,
+) -> Option<Slot> {
+    let own: Vec<Slot> = held
+        .iter()
+        .filter(|(_, p, _)| *p == project.name)
+        .map(|h| h.2)
+        .collect();
+    let host: Vec<Slot> = held.iter().map(|h| h.2).collect();
+    let taken = Taken {
+        project: &own,
+        host: &host,
+        host_max_parallel: config.max_parallel,
+    };
+    project.maintenance.pick_slot(now, taken)
 }
 
 /// A stored slot (UTC) as a window in `tz`.

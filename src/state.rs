@@ -12,7 +12,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::deletion::{Progress, Stage};
-use crate::model::{InvocationId, Resources, VmName};
+use crate::model::{InvocationId, ProjectName, Resources, VmName};
 
 /// The version this build reads and writes. Version 1 (typed-less intents, no instances) is
 /// migrated on load: see [`migrate_v1`].
@@ -60,6 +60,10 @@ pub struct State {
     /// restart neither creates one twice nor forgets one it must remove.
     #[serde(default)]
     pub silences: Vec<SilenceRecord>,
+    /// The project of each VM on record, as it was last declared: a VM removed from the
+    /// configuration is deleted in its project's zone and announced to its contacts.
+    #[serde(default)]
+    pub projects: BTreeMap<VmName, ProjectName>,
 }
 
 impl Default for State {
@@ -76,17 +80,24 @@ impl Default for State {
             released: BTreeMap::new(),
             confirmed_removals: Default::default(),
             silences: Vec::new(),
+            projects: BTreeMap::new(),
         }
     }
 }
 
 impl State {
-    /// Queues a notification for the hook; returns its id.
-    pub fn enqueue(&mut self, event: serde_json::Value, at: DateTime<Utc>) -> u64 {
+    /// Queues a notification of `project` for its hook; returns its id.
+    pub fn enqueue(
+        &mut self,
+        project: &ProjectName,
+        event: serde_json::Value,
+        at: DateTime<Utc>,
+    ) -> u64 {
         let id = self.next_notice.max(1);
         self.next_notice = id + 1;
         self.outbox.push(Notice {
             id,
+            project: project.clone(),
             event,
             queued_at: at,
             attempts: 0,
@@ -254,6 +265,10 @@ pub struct Maintenance {
     /// When the hook took the announcement.
     #[serde(default)]
     pub delivered_at: Option<DateTime<Utc>>,
+    /// The project whose windows the slot is in and whose contacts it was announced to
+    /// (state written before projects existed: the default project).
+    #[serde(default)]
+    pub project: ProjectName,
 }
 
 impl Maintenance {
@@ -486,6 +501,10 @@ pub struct Notice {
     /// Increasing id; the hook's JSON carries it as `id`, so a receiver can drop a repeat
     /// (delivery is at least once: a crash right after the hook ran repeats it).
     pub id: u64,
+    /// The project whose hook gets it (state written before projects existed: the default
+    /// project's, which was the host's).
+    #[serde(default)]
+    pub project: ProjectName,
     /// The JSON event the hook gets on stdin.
     pub event: serde_json::Value,
     /// When it was decided.
@@ -645,7 +664,11 @@ mod tests {
                 at,
             },
         );
-        s.enqueue(serde_json::json!({ "event": "unplanned" }), at);
+        s.enqueue(
+            &ProjectName::default(),
+            serde_json::json!({ "event": "unplanned" }),
+            at,
+        );
         s
     }
 

@@ -142,3 +142,68 @@ fn a_bad_now_is_a_clear_error() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("is not an RFC 3339 instant"));
 }
+
+#[test]
+fn a_projects_windows_are_in_its_zone_on_the_host_wide_weekdays() {
+    let cfg = fixture("projects.json");
+    let o = vmkeeper(&["check-config", &cfg]);
+    assert!(o.status.success(), "{o:?}");
+    // New York's clocks go forward on 14 March 2027; the window keeps its wall-clock times.
+    let o = vmkeeper(&[
+        "windows",
+        "--config",
+        &cfg,
+        "--project",
+        "shop",
+        "--from",
+        "2027-03-08T12:00:00-05:00",
+        "--count",
+        "3",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        stdout(&o),
+        "2027-03-09T01:00:00-05:00 – 2027-03-09T05:00:00-05:00  (4h)\n\
+         2027-03-11T01:00:00-05:00 – 2027-03-11T05:00:00-05:00  (4h)\n\
+         2027-03-16T01:00:00-04:00 – 2027-03-16T05:00:00-04:00  (4h)\n"
+    );
+    // Without --project: the default project's (the host-wide) windows.
+    let o = vmkeeper(&[
+        "windows",
+        "--config",
+        &cfg,
+        "--from",
+        "2027-03-08T12:00:00+01:00",
+        "--count",
+        "1",
+    ]);
+    assert_eq!(
+        stdout(&o),
+        "2027-03-09T22:00:00+01:00 – 2027-03-10T05:00:00+01:00  (7h)\n"
+    );
+    let o = vmkeeper(&["windows", "--config", &cfg, "--project", "shpo"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("no project shpo (the projects are default, shop)"),
+        "{o:?}"
+    );
+}
+
+#[test]
+fn a_project_typo_is_an_error_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.json");
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("projects.json")).unwrap()).unwrap();
+    doc["vms"]["db01"]["project"] = "shpo".into();
+    doc["projects"]["shop"]["maintenance"]["window"] = "01:00-01:00".into();
+    std::fs::write(&f, doc.to_string()).unwrap();
+    let o = vmkeeper(&["check-config", f.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stdout(&o),
+        "projects.shop.maintenance.window: \"01:00-01:00\" has no length: start and end are equal\n\
+         vms.db01.project: no project \"shpo\"; did you mean \"shop\"?\n"
+    );
+}

@@ -126,11 +126,17 @@ fn a_cpu_change_stays_pending_and_online_false_stops_without_alarm() {
     assert_eq!(s["applied"]["cores"], 1);
     assert_eq!(s["qemuPid"], pid, "the running VM is left alone");
     assert!(s["maintenanceSlot"]["start"].is_string());
-    let announced: Vec<Value> = host
-        .hook_events()
-        .into_iter()
-        .filter(|e| e["event"] == "maintenance-scheduled")
-        .collect();
+    let announced = || -> Vec<Value> {
+        host.hook_events()
+            .into_iter()
+            .filter(|e| e["event"] == "maintenance-scheduled")
+            .collect()
+    };
+    // The hook runs after the state shows the slot: wait for it.
+    wait_until(Duration::from_secs(20), "announcement", || {
+        !announced().is_empty()
+    });
+    let announced = announced();
     assert_eq!(announced.len(), 1);
     assert_eq!(announced[0]["slot"], s["maintenanceSlot"]);
 

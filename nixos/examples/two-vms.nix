@@ -1,5 +1,7 @@
-# A host with two VMs and a maintenance policy. docs/usage/nixos.md shows this file, and the
-# NixOS VM test (nixos/tests/vmkeeper.nix) runs it.
+# A host with two VMs of two customers: web01 in the default project (the host-wide
+# maintenance policy, contacts and group), db01 in project shop with its own time zone, night,
+# contacts and group. docs/usage/nixos.md shows this file, and the NixOS VM test
+# (nixos/tests/vmkeeper.nix) runs it.
 {
   services.vmkeeper = {
     enable = true;
@@ -25,6 +27,15 @@
     };
     contacts = [ "ops@example.com" ];
 
+    # A second customer: announcements go to its own contacts, its own group may reboot and
+    # delete its VMs, its window is New York's night (on the host's Tuesdays and Thursdays).
+    projects.shop = {
+      timezone = "America/New_York";
+      contacts = [ "it@shop.example" ];
+      authorizedGroup = "shop-admins";
+      maintenance.window = "01:00-05:00";
+    };
+
     ceph.pool = "rbd";
 
     vms = {
@@ -35,6 +46,7 @@
         ipAddresses = [ "192.0.2.10" ];
       };
       db01 = {
+        project = "shop";
         cores = 4;
         memoryMiB = 4096;
         diskGiB = 100;

@@ -56,6 +56,12 @@ let
         }
       ];
     };
+    projects.shop = {
+      timezone = "America/New_York";
+      contacts = [ "it@shop.example" ];
+      authorizedGroup = "shop-admins";
+      maintenance.window = "01:00-05:00";
+    };
     ceph = {
       conf = "/etc/ceph/ceph.conf";
       clientId = "admin";
@@ -81,6 +87,7 @@ let
         ipAddresses = [ "192.0.2.10" ];
       };
       db01 = {
+        project = "shop";
         cores = 4;
         memoryMiB = 4096;
         memoryLimitMiB = 65536;
@@ -121,8 +128,127 @@ let
       check = config: config.environment.etc."vmkeeper/config.json".source == config.services.vmkeeper.configFile;
     }
     {
-      name = "authorized group is created";
-      check = config: config.users.groups ? sudo-srv;
+      name = "authorized groups are created, the host's and each project's";
+      check = config: lib.attrNames config.users.groups == [ "shop-admins" "sudo-srv" ];
+    }
+    {
+      name = "an operator group becomes its JSON key and is created";
+      modules = [
+        example
+        { services.vmkeeper.operatorGroup = "vmkeeper-operators"; }
+      ];
+      check =
+        config:
+        config.services.vmkeeper.finalSettings.operatorGroup == "vmkeeper-operators"
+        && config.users.groups ? vmkeeper-operators;
+    }
+    {
+      name = "a project that sets nothing is an empty object: every key is the host's";
+      modules = [
+        example
+        { services.vmkeeper.projects.blog = { }; }
+      ];
+      check = config: config.services.vmkeeper.finalSettings.projects.blog == { };
+    }
+    {
+      name = "a project's maintenance keys and blackouts become its JSON keys";
+      modules = [
+        example
+        {
+          services.vmkeeper.projects.shop.maintenance = {
+            maxParallel = 2;
+            blackouts = [
+              {
+                from = "2026-11-26";
+                to = "2026-11-27";
+                reason = "thanksgiving";
+              }
+            ];
+          };
+        }
+      ];
+      check =
+        config:
+        config.services.vmkeeper.finalSettings.projects.shop.maintenance == {
+          window = "01:00-05:00";
+          maxParallel = 2;
+          blackouts = [
+            {
+              from = "2026-11-26";
+              to = "2026-11-27";
+              reason = "thanksgiving";
+            }
+          ];
+        };
+    }
+    {
+      name = "a VM naming an undeclared project is reported";
+      modules = [
+        example
+        { services.vmkeeper.vms.web01.project = "shpo"; }
+      ];
+      assertions = [
+        "services.vmkeeper.vms.web01: project \"shpo\" is not one of services.vmkeeper.projects (default, shop)"
+      ];
+    }
+    {
+      name = "a project may not be called default, nor have a bad name";
+      modules = [
+        example
+        {
+          services.vmkeeper.projects = {
+            default = { };
+            "Shop_2" = { };
+          };
+        }
+      ];
+      assertions = [
+        "services.vmkeeper.projects.Shop_2: the name must be 1 to 63 characters of a-z, 0-9 and '-', starting with a letter"
+        "services.vmkeeper.projects.default: \"default\" is the project of the host-wide options; give this project another name"
+      ];
+    }
+    {
+      name = "a project's schedule excludes its window, and its blackouts are checked";
+      modules = [
+        example
+        {
+          services.vmkeeper.projects.shop.maintenance = {
+            schedule = {
+              cron = "0 0 1 * * Sun *";
+              length = "4h";
+            };
+            blackouts = [
+              {
+                from = "2027-01-02";
+                to = "2026-12-23";
+                reason = "typo";
+              }
+            ];
+          };
+        }
+      ];
+      assertions = [
+        "services.vmkeeper.projects.shop.maintenance: schedule excludes window and weekdays"
+        "services.vmkeeper.projects.shop.maintenance.blackouts: 2027-01-02 to 2026-12-23 (typo) ends before it starts"
+      ];
+    }
+    {
+      name = "two projects with VMs sharing a group are warned about";
+      modules = [
+        example
+        { services.vmkeeper.projects.shop.authorizedGroup = lib.mkForce null; }
+      ];
+      warnings = [
+        "services.vmkeeper.projects.shop: authorizedGroup sudo-srv is also that of project default; its members may act on the VMs of both"
+      ];
+    }
+    {
+      name = "a project's time zone is refused unless it is a zone name";
+      modules = [
+        example
+        { services.vmkeeper.projects.shop.timezone = lib.mkForce "New York"; }
+      ];
+      refused = "option `services.vmkeeper.projects.shop.timezone' is not of type `null or IANA time zone name'";
     }
     {
       name = "journal catalog is linked where journalctl looks, and indexed before the daemon starts";

@@ -200,6 +200,7 @@ in
       with subtest("the module's pieces are in place"):
           host.succeed("getent group sudo-srv")
           host.succeed("id vmkeeper-qemu | grep -q kvm")
+          host.succeed("getent group shop-admins")
           host.succeed("vmkeeper check-config /etc/vmkeeper/config.json")
           host.succeed("systemctl show -p Type --value vmkeeper.service | grep -x notify")
 

@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 use crate::api::{Request, Response};
 use crate::config::{self, LoadError};
 use crate::localtime::{format_duration, parse_instant, rfc3339};
-use crate::model::VmName;
+use crate::model::{ProjectName, VmName};
 use crate::plan::{self, Observed};
 use crate::state::State;
 
@@ -74,8 +74,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Reboot a VM: at once with --now (root and the authorized group), otherwise in its next
-    /// maintenance slot.
+    /// Reboot a VM: at once with --now (root, the operator group and its project's authorized
+    /// group), otherwise in its next maintenance slot.
     Reboot {
         /// The VM.
         name: VmName,
@@ -98,8 +98,8 @@ enum Command {
         #[arg(long, value_parser = instant)]
         now: Option<DateTime<Utc>>,
     },
-    /// Schedule a VM's deletion for a local date (T = midnight at its start); root and the
-    /// authorized group only.
+    /// Schedule a VM's deletion for a local date in its project's zone (T = midnight at its
+    /// start); root, the operator group and its project's authorized group only.
     Delete {
         /// The VM.
         name: VmName,
@@ -139,11 +139,15 @@ enum Command {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
-    /// List the next maintenance windows as instants with UTC offsets.
+    /// List the next maintenance windows of a project as instants with UTC offsets.
     Windows {
         /// The JSON configuration.
         #[arg(long)]
         config: PathBuf,
+        /// The project whose windows (in its zone, with its blackouts and the host's);
+        /// default: the default project, whose windows are the host-wide ones.
+        #[arg(long, default_value = crate::model::ProjectName::DEFAULT)]
+        project: ProjectName,
         /// First instant of interest (RFC 3339); defaults to the clock.
         #[arg(long, value_parser = instant)]
         from: Option<DateTime<Utc>>,
@@ -227,10 +231,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => plan(&config, state_dir, now, json),
         Command::Windows {
             config,
+            project,
             from,
             count,
             json,
-        } => windows(&config, from, count, json),
+        } => windows(&config, &project, from, count, json),
         Command::Daemon { config, test_clock } => daemon(&config, test_clock),
         Command::Reload { daemon } => with_daemon(daemon, &Request::Reload, |_| {
             println!("configuration applied")
@@ -409,6 +414,7 @@ fn plan(
 
 fn windows(
     config: &Path,
+    project: &ProjectName,
     from: Option<DateTime<Utc>>,
     count: usize,
     json: bool,
@@ -416,13 +422,15 @@ fn windows(
     let Some(checked) = load_or_report(config)? else {
         return Ok(ExitCode::FAILURE);
     };
+    let Some(project) = checked.config.projects.get(project) else {
+        let names: Vec<&str> = checked.config.projects.keys().map(|p| p.as_str()).collect();
+        anyhow::bail!(
+            "no project {project} (the projects are {})",
+            names.join(", ")
+        );
+    };
     let from = from.unwrap_or_else(Utc::now);
-    let windows: Vec<_> = checked
-        .config
-        .maintenance
-        .windows(from)
-        .take(count)
-        .collect();
+    let windows: Vec<_> = project.maintenance.windows(from).take(count).collect();
     if json {
         let rows: Vec<serde_json::Value> = windows
             .iter()

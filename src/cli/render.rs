@@ -6,8 +6,8 @@ use crate::plan::{Action, Plan, StageStatus};
 /// `vmkeeper status` as a table: one line per VM, then the daemon's own troubles.
 pub fn status(v: &serde_json::Value) -> String {
     let mut s = format!(
-        "{:<16} {:<8} {:>8}  {:<22} {:<22} {}\n",
-        "VM", "STATE", "PID", "APPLIED", "DECLARED", "NOTES"
+        "{:<16} {:<12} {:<8} {:>8}  {:<22} {:<22} {}\n",
+        "VM", "PROJECT", "STATE", "PID", "APPLIED", "DECLARED", "NOTES"
     );
     let res = |r: &serde_json::Value| {
         if r.is_null() {
@@ -55,8 +55,9 @@ pub fn status(v: &serde_json::Value) -> String {
             ));
         }
         s.push_str(&format!(
-            "{:<16} {:<8} {:>8}  {:<22} {:<22} {}\n",
+            "{:<16} {:<12} {:<8} {:>8}  {:<22} {:<22} {}\n",
             vm["name"].as_str().unwrap_or("?"),
+            vm["project"].as_str().unwrap_or("?"),
             if vm["running"].as_bool() == Some(true) {
                 "running"
             } else {
@@ -117,8 +118,14 @@ pub fn plan(p: &Plan) -> String {
         p.pending
             .iter()
             .map(|x| {
+                // A host without projects reads as it always did.
+                let project = if x.project.is_default() {
+                    String::new()
+                } else {
+                    format!(" (project {})", x.project)
+                };
                 format!(
-                    "{}: pending cores {} -> {}, memoryMiB {} -> {}; reboot in slot {}, announced {}",
+                    "{}{project}: pending cores {} -> {}, memoryMiB {} -> {}; reboot in slot {}, announced {}",
                     x.vm,
                     x.from.cores,
                     x.to.cores,

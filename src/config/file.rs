@@ -19,6 +19,8 @@ pub struct RawConfig {
     pub contacts: Option<Value>,
     pub notify_command: Option<Value>,
     pub authorized_group: Option<Value>,
+    pub operator_group: Option<Value>,
+    pub projects: Option<BTreeMap<String, Value>>,
     pub state_dir: Option<Value>,
     pub runtime_dir: Option<Value>,
     pub ceph: Option<Value>,
@@ -39,6 +41,8 @@ pub const CONFIG_KEYS: &[&str] = &[
     "contacts",
     "notifyCommand",
     "authorizedGroup",
+    "operatorGroup",
+    "projects",
     "stateDir",
     "runtimeDir",
     "ceph",
@@ -50,7 +54,28 @@ pub const CONFIG_KEYS: &[&str] = &[
     "vms",
 ];
 
+/// One project: every key optional, each defaulting to the host-wide one.
 #[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawProject {
+    pub timezone: Option<Value>,
+    pub maintenance: Option<Value>,
+    pub contacts: Option<Value>,
+    pub notify_command: Option<Value>,
+    pub authorized_group: Option<Value>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+pub const PROJECT_KEYS: &[&str] = &[
+    "timezone",
+    "maintenance",
+    "contacts",
+    "notifyCommand",
+    "authorizedGroup",
+];
+
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RawMaintenance {
     pub window: Option<String>,
@@ -74,7 +99,7 @@ pub const MAINTENANCE_KEYS: &[&str] = &[
     "blackouts",
 ];
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 pub struct RawSchedule {
     pub cron: Option<String>,
     pub length: Option<String>,
@@ -84,7 +109,7 @@ pub struct RawSchedule {
 
 pub const SCHEDULE_KEYS: &[&str] = &["cron", "length"];
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 pub struct RawBlackout {
     pub from: Option<String>,
     pub to: Option<String>,
@@ -192,6 +217,7 @@ pub const ALERTMANAGER_KEYS: &[&str] = &["url"];
 
 #[derive(Debug, Default, Deserialize)]
 pub struct RawVm {
+    pub project: Option<String>,
     pub cores: Option<i64>,
     #[serde(rename = "memoryMiB")]
     pub memory_mib: Option<i64>,
@@ -215,6 +241,7 @@ pub struct RawVm {
 }
 
 pub const VM_KEYS: &[&str] = &[
+    "project",
     "cores",
     "memoryMiB",
     "memoryLimitMiB",

@@ -13,7 +13,7 @@ use chrono::TimeDelta;
 use chrono_tz::Tz;
 
 use crate::maintenance::Policy;
-use crate::model::{VmName, VmSpec};
+use crate::model::{GroupName, ProjectName, VmName, VmSpec};
 
 pub use validate::{DEFAULT_MEMORY_LIMIT_MIB, HUGE_DISK_GIB};
 pub use validate::{MAX_CORES, MAX_DISK_GIB, MAX_MEMORY_MIB, MIN_DISK_GIB, MIN_MEMORY_MIB};
@@ -21,16 +21,18 @@ pub use validate::{MAX_CORES, MAX_DISK_GIB, MAX_MEMORY_MIB, MIN_DISK_GIB, MIN_ME
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Zone of windows, blackouts and deletion dates.
+    /// The host's zone: the default project's, that of host-wide blackouts, and the one
+    /// host-wide output (plan time, `status`) is written in. Anything about a VM uses its
+    /// project's zone.
     pub timezone: Tz,
-    /// The maintenance policy.
-    pub maintenance: Policy,
-    /// Technical contacts.
-    pub contacts: Vec<String>,
-    /// Hook run with a JSON event on stdin.
-    pub notify_command: Option<PathBuf>,
-    /// Group whose members may run mutating commands.
-    pub authorized_group: String,
+    /// Every project by name, the default project ([`ProjectName::DEFAULT`], made of the
+    /// host-wide keys) included.
+    pub projects: BTreeMap<ProjectName, Project>,
+    /// How many VMs of the host may be in maintenance at once, whatever their project (the
+    /// host-wide `maintenance.maxParallel`).
+    pub max_parallel: u32,
+    /// Members may act on the VMs of every project; without one only root may.
+    pub operator_group: Option<GroupName>,
     /// Where `state.json` lives.
     pub state_dir: PathBuf,
     /// QMP sockets, API socket, serial logs.
@@ -71,11 +73,53 @@ pub struct ClockConfig {
     pub synced_flag: PathBuf,
 }
 
+/// A project (a customer) with every key resolved: its own value, or the host-wide one.
+#[derive(Debug, Clone)]
+pub struct Project {
+    /// Its name.
+    pub name: ProjectName,
+    /// Windows in the project's zone (`maintenance.tz`), announcement period, the project's
+    /// `maxParallel`, and blackouts (the host-wide ones, then its own).
+    pub maintenance: Policy,
+    /// Technical contacts that its announcements and alarms go to.
+    pub contacts: Vec<String>,
+    /// Members may reboot, request maintenance for, delete and cancel-delete its VMs.
+    pub authorized_group: GroupName,
+    /// Hook run with a JSON event on stdin for each of its announcements and alarms.
+    pub notify_command: Option<PathBuf>,
+}
+
+impl Project {
+    /// The zone of its windows, blackouts and deletion dates.
+    pub fn tz(&self) -> Tz {
+        self.maintenance.tz
+    }
+}
+
 impl Config {
-    /// The project a VM belongs to, for the `project` label of metrics. Projects do not
-    /// exist yet: every VM is in the default project. This is the one place that says so.
-    pub fn project_of(&self, _vm: &VmName) -> &str {
-        "default"
+    /// The default project: VMs that name none, and the host-wide keys.
+    pub fn default_project(&self) -> &Project {
+        self.projects
+            .get(ProjectName::DEFAULT)
+            .expect("validation always adds the default project")
+    }
+
+    /// The project named `name`; the default project when there is none by that name (a
+    /// project removed from the configuration while a VM of it is still on record).
+    pub fn project_named(&self, name: &ProjectName) -> &Project {
+        self.projects
+            .get(name)
+            .unwrap_or_else(|| self.default_project())
+    }
+
+    /// The project of `vm`: as declared; for a VM no longer declared, the one `recorded`
+    /// when it last was (see `State::projects`); otherwise the default project.
+    pub fn project_of(&self, vm: &VmName, recorded: Option<&ProjectName>) -> &Project {
+        match (self.vms.get(vm), recorded) {
+            (Some(spec), _) => self.project_named(&spec.project),
+            (None, Some(name)) => self.project_named(name),
+            (None, None) => self.default_project(),
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! Validation of the raw mirror into a `Config`: every platform rule, every problem collected.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -12,9 +12,8 @@ use serde_json::Value;
 
 use super::file::*;
 use super::{Accel, AlertmanagerConfig, CephConfig, Checked, Config, Problem, QemuConfig};
-use crate::localtime::{format_duration, parse_date, parse_duration, parse_hhmm};
-use crate::maintenance::{Blackout, Policy, WeekdaySet, WindowRule};
-use crate::model::{BaseImage, DirectBoot, Network, Resources, VmName, VmSpec};
+use crate::localtime::{format_duration, parse_date, parse_duration};
+use crate::model::{BaseImage, DirectBoot, GroupName, Network, Resources, VmName, VmSpec};
 
 /// Most vCPUs a VM may have.
 pub const MAX_CORES: i64 = 12;
@@ -47,8 +46,13 @@ struct Validator {
 }
 
 impl Validator {
+    /// Records a problem once: a host-wide value a project inherits is checked again in the
+    /// project, and a problem with it is the host-wide key's, reported there.
     fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem::new(path, message));
+        let p = Problem::new(path, message);
+        if !self.problems.contains(&p) {
+            self.problems.push(p);
+        }
     }
 
     /// Deserializes one section, reporting a type error with its full path.
@@ -184,34 +188,29 @@ pub fn parse(text: &str) -> Result<Checked, Vec<Problem>> {
         );
         chrono_tz::UTC
     });
-    let maintenance = maintenance(&mut v, raw.maintenance, timezone);
-    let contacts = v
-        .section::<Option<Vec<String>>>("contacts", raw.contacts)
-        .flatten()
+    let host_keys = maintenance::read(&mut v, "maintenance", raw.maintenance)
+        .map(|r| maintenance::Keys::host(&r, timezone));
+    let host = projects::Host {
+        tz: timezone,
+        policy: host_keys
+            .as_ref()
+            .and_then(|k| maintenance::policy(&mut v, k)),
+        maintenance: host_keys,
+        contacts: contacts(&mut v, "contacts", raw.contacts),
+        notify_command: notify_command(&mut v, "notifyCommand", raw.notify_command),
+        authorized_group: group(&mut v, "authorizedGroup", raw.authorized_group)
+            .unwrap_or_else(|| "sudo-srv".parse().expect("a group name")),
+    };
+    let operator_group = match raw.operator_group {
+        None | Some(Value::Null) => None,
+        some => group(&mut v, "operatorGroup", some),
+    };
+    let project_keys: BTreeSet<String> = raw
+        .projects
+        .as_ref()
+        .map(|p| p.keys().cloned().collect())
         .unwrap_or_default();
-    for (i, c) in contacts.iter().enumerate() {
-        let ok = c
-            .split_once('@')
-            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.'))
-            && !c.chars().any(|ch| ch.is_whitespace() || ch.is_control());
-        if !ok {
-            v.err(
-                format!("contacts[{i}]"),
-                format!("{c:?} is not an e-mail address"),
-            );
-        }
-    }
-    let notify_command = v
-        .section::<Option<String>>("notifyCommand", raw.notify_command)
-        .flatten()
-        .map(|s| v.abs_path("notifyCommand", &s));
-    let authorized_group = v.string_or("authorizedGroup", raw.authorized_group, "sudo-srv");
-    if !is_group_name(&authorized_group) {
-        v.err(
-            "authorizedGroup",
-            format!("{authorized_group:?} is not a group name (a-z, 0-9, '_', '-', at most 32, starting with a letter or '_')"),
-        );
-    }
+    let projects = projects::projects(&mut v, raw.projects, &host);
     let state_dir = v.string_or("stateDir", raw.state_dir, "/var/lib/vmkeeper");
     let state_dir = v.abs_path("stateDir", &state_dir);
     let runtime_dir = v.string_or("runtimeDir", raw.runtime_dir, "/run/vmkeeper");
@@ -236,9 +235,10 @@ pub fn parse(text: &str) -> Result<Checked, Vec<Problem>> {
                 None
             }
         };
-        let spec = v
-            .section::<RawVm>(&path, Some(raw_vm))
-            .and_then(|r| vm(&mut v, &path, r, addresses.entry(name.clone()).or_default()));
+        let spec = v.section::<RawVm>(&path, Some(raw_vm)).and_then(|r| {
+            let claims = addresses.entry(name.clone()).or_default();
+            vm(&mut v, &path, r, &project_keys, claims)
+        });
         if let (Some(n), Some(mut s)) = (vm_name, spec) {
             s.name = n.clone();
             vms.insert(n, s);
@@ -265,10 +265,13 @@ pub fn parse(text: &str) -> Result<Checked, Vec<Problem>> {
     }
     let config = Config {
         timezone,
-        maintenance: maintenance.expect("a maintenance policy without problems"),
-        contacts,
-        notify_command,
-        authorized_group,
+        max_parallel: host
+            .policy
+            .as_ref()
+            .expect("a maintenance policy without problems")
+            .max_parallel,
+        projects,
+        operator_group,
         state_dir,
         runtime_dir,
         ceph,
@@ -279,191 +282,10 @@ pub fn parse(text: &str) -> Result<Checked, Vec<Problem>> {
         alertmanager,
         vms,
     };
+    projects::group_warnings(&mut v, &config);
     Ok(Checked {
         config,
         warnings: v.warnings,
-    })
-}
-
-fn maintenance(v: &mut Validator, raw: Option<Value>, tz: Tz) -> Option<Policy> {
-    let before = v.problems.len();
-    let raw: RawMaintenance = v.section("maintenance", raw)?;
-    v.unknown("maintenance", &raw.unknown, MAINTENANCE_KEYS);
-    let rule = match raw.schedule {
-        Some(s) => {
-            if raw.window.is_some() {
-                v.err(
-                    "maintenance.window",
-                    "cannot be combined with maintenance.schedule; use one",
-                );
-            }
-            if raw.weekdays.is_some() {
-                v.err("maintenance.weekdays", "cannot be combined with maintenance.schedule; put the days into the cron expression");
-            }
-            v.unknown("maintenance.schedule", &s.unknown, SCHEDULE_KEYS);
-            let schedule = match s.cron.as_deref().map(cron::Schedule::from_str) {
-                Some(Ok(c)) => Some(c),
-                Some(Err(e)) => {
-                    v.err(
-                        "maintenance.schedule.cron",
-                        format!("not a cron expression: {e}"),
-                    );
-                    None
-                }
-                None => {
-                    v.err(
-                        "maintenance.schedule.cron",
-                        "is required (e.g. \"0 0 22 1-7 * Sun\")",
-                    );
-                    None
-                }
-            };
-            let length = match s.length.as_deref() {
-                Some(l) => v.duration(
-                    "maintenance.schedule.length",
-                    Some(l),
-                    "",
-                    TimeDelta::minutes(1),
-                ),
-                None => {
-                    v.err("maintenance.schedule.length", "is required (e.g. \"6h\")");
-                    TimeDelta::zero()
-                }
-            };
-            schedule.map(|c| WindowRule::Cron {
-                schedule: Box::new(c),
-                length,
-            })
-        }
-        None => {
-            let window = raw.window.as_deref().unwrap_or("22:00-05:00");
-            let parsed = window
-                .split_once('-')
-                .map(|(a, b)| (parse_hhmm(a), parse_hhmm(b)));
-            let times = match parsed {
-                Some((Ok(s), Ok(e))) if s == e => {
-                    v.err(
-                        "maintenance.window",
-                        format!("{window:?} has no length: start and end are equal"),
-                    );
-                    None
-                }
-                Some((Ok(s), Ok(e))) => Some((s, e)),
-                Some((Err(e), _)) | Some((_, Err(e))) => {
-                    v.err("maintenance.window", format!("{e}; write \"HH:MM-HH:MM\""));
-                    None
-                }
-                None => {
-                    v.err(
-                        "maintenance.window",
-                        format!("{window:?} is not of the form \"HH:MM-HH:MM\""),
-                    );
-                    None
-                }
-            };
-            let weekdays = match &raw.weekdays {
-                None => WeekdaySet::ALL,
-                Some(days) => {
-                    let mut parsed = vec![];
-                    for (i, d) in days.iter().enumerate() {
-                        match weekday(d) {
-                            Some(w) => parsed.push(w),
-                            None => v.err(
-                                format!("maintenance.weekdays[{i}]"),
-                                format!("{d:?} is not one of mon, tue, wed, thu, fri, sat, sun"),
-                            ),
-                        }
-                    }
-                    if days.is_empty() {
-                        v.err("maintenance.weekdays", "must name at least one day");
-                    }
-                    WeekdaySet::of(&parsed)
-                }
-            };
-            times.map(|(start, end)| WindowRule::Daily {
-                start,
-                end,
-                weekdays,
-            })
-        }
-    };
-    let announce_ahead = v.duration(
-        "maintenance.announceAhead",
-        raw.announce_ahead.as_deref(),
-        "24h",
-        TimeDelta::zero(),
-    );
-    let max_parallel = raw.max_parallel.unwrap_or(1);
-    v.range("maintenance.maxParallel", max_parallel, 1, 1000);
-    let expected_duration = v.duration(
-        "maintenance.expectedDuration",
-        raw.expected_duration.as_deref(),
-        "15m",
-        TimeDelta::minutes(1),
-    );
-    if let Some(rule) = &rule {
-        let nominal = match rule {
-            WindowRule::Daily { start, end, .. } => {
-                let d = *end - *start;
-                if d <= TimeDelta::zero() {
-                    d + TimeDelta::days(1)
-                } else {
-                    d
-                }
-            }
-            WindowRule::Cron { length, .. } => *length,
-        };
-        if expected_duration > nominal {
-            v.err(
-                "maintenance.expectedDuration",
-                format!(
-                    "{} does not fit into a window of {}",
-                    format_duration(expected_duration),
-                    format_duration(nominal)
-                ),
-            );
-        }
-    }
-    let mut blackouts = vec![];
-    for (i, b) in raw.blackouts.unwrap_or_default().into_iter().enumerate() {
-        let path = format!("maintenance.blackouts[{i}]");
-        v.unknown(&path, &b.unknown, BLACKOUT_KEYS);
-        let mut date = |key: &str, s: Option<String>| match s.as_deref().map(parse_date) {
-            Some(Ok(d)) => Some(d),
-            Some(Err(e)) => {
-                v.err(format!("{path}.{key}"), e);
-                None
-            }
-            None => {
-                v.err(format!("{path}.{key}"), "is required (a date YYYY-MM-DD)");
-                None
-            }
-        };
-        let (from, to) = (date("from", b.from), date("to", b.to));
-        if let (Some(from), Some(to)) = (from, to) {
-            if to < from {
-                v.err(
-                    format!("{path}.to"),
-                    format!("{to} is before from ({from})"),
-                );
-            }
-            blackouts.push(Blackout {
-                from,
-                to,
-                reason: b.reason.unwrap_or_default(),
-            });
-        }
-    }
-    if v.problems.len() > before {
-        return None;
-    }
-    Some(Policy {
-        tz,
-        rule: rule?,
-        announce_ahead,
-        max_parallel: u32::try_from(max_parallel).ok()?,
-        expected_duration,
-        blackouts,
     })
 }
 
@@ -545,7 +367,7 @@ fn qemu(v: &mut Validator, raw: Option<Value>) -> QemuConfig {
         );
     }
     let user = raw.user.unwrap_or_else(|| DEFAULT_QEMU_USER.to_owned());
-    if !is_group_name(&user) {
+    if user.parse::<crate::model::GroupName>().is_err() {
         v.err(
             "qemu.user",
             format!("{user:?} is not a user name (a-z, 0-9, '_', '-', at most 32, starting with a letter or '_')"),
@@ -702,9 +524,16 @@ struct Claims {
     mac: Option<String>,
 }
 
-fn vm(v: &mut Validator, path: &str, raw: RawVm, claims: &mut Claims) -> Option<VmSpec> {
+fn vm(
+    v: &mut Validator,
+    path: &str,
+    raw: RawVm,
+    projects: &BTreeSet<String>,
+    claims: &mut Claims,
+) -> Option<VmSpec> {
     let before = v.problems.len();
     v.unknown(path, &raw.unknown, VM_KEYS);
+    let project = projects::vm_project(v, path, raw.project, projects);
     let required = |v: &mut Validator, key: &str, x: Option<i64>| {
         if x.is_none() {
             v.err(format!("{path}.{key}"), "is required");
@@ -838,6 +667,7 @@ fn vm(v: &mut Validator, path: &str, raw: RawVm, claims: &mut Claims) -> Option<
     }
     Some(VmSpec {
         name: "placeholder".parse().ok()?,
+        project: project?,
         resources: Resources {
             cores: u32::try_from(cores).ok()?,
             memory_mib: u64::try_from(memory).ok()?,
@@ -893,6 +723,44 @@ fn unique_addresses(v: &mut Validator, claims: &BTreeMap<String, Claims>) {
     }
 }
 
+/// A list of technical contacts (e-mail addresses).
+fn contacts(v: &mut Validator, path: &str, raw: Option<Value>) -> Vec<String> {
+    let contacts = v
+        .section::<Option<Vec<String>>>(path, raw)
+        .flatten()
+        .unwrap_or_default();
+    for (i, c) in contacts.iter().enumerate() {
+        let ok = c
+            .split_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.'))
+            && !c.chars().any(|ch| ch.is_whitespace() || ch.is_control());
+        if !ok {
+            v.err(
+                format!("{path}[{i}]"),
+                format!("{c:?} is not an e-mail address"),
+            );
+        }
+    }
+    contacts
+}
+
+fn notify_command(v: &mut Validator, path: &str, raw: Option<Value>) -> Option<PathBuf> {
+    v.section::<Option<String>>(path, raw)
+        .flatten()
+        .map(|s| v.abs_path(path, &s))
+}
+
+fn group(v: &mut Validator, path: &str, raw: Option<Value>) -> Option<GroupName> {
+    let name = v.string_or(path, raw, "sudo-srv");
+    match name.parse() {
+        Ok(g) => Some(g),
+        Err(e) => {
+            v.err(path, format!("{e}"));
+            None
+        }
+    }
+}
+
 fn nonempty(v: &mut Validator, path: &str, s: Option<String>) -> Option<String> {
     match s {
         Some(s) if !s.is_empty() => Some(s),
@@ -934,14 +802,6 @@ fn is_ceph_id(s: &str) -> bool {
         && !s.starts_with("client.")
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
-fn is_group_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 32
-        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
 fn is_unicast_mac(s: &str) -> bool {
@@ -991,5 +851,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+mod maintenance;
+mod projects;
 #[cfg(test)]
 mod tests;

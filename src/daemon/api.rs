@@ -7,6 +7,7 @@ use tracing::{info, warn};
 
 use super::eventloop::Daemon;
 use super::maintenance::describe_reason;
+use crate::access::{self, GroupIds, Scope};
 use crate::api::{Caller, Request, Response};
 use crate::events::Event as Journal;
 use crate::localtime::rfc3339;
@@ -15,48 +16,51 @@ use crate::plan::slot_in;
 use crate::state::RebootKind;
 
 impl Daemon {
-    pub(super) fn api(&mut self, req: Request, caller: &Caller, reply: oneshot::Sender<Response>) {
-        if req.is_mutating() && !caller.authorized {
+    pub(super) fn api(
+        &mut self,
+        req: Request,
+        caller: &Caller,
+        groups: &GroupIds,
+        reply: oneshot::Sender<Response>,
+    ) {
+        let scope = access::scope(&self.config, caller.uid, &caller.gids, groups);
+        if let Some(refusal) = self.refusal(&req, &scope) {
             warn!(
                 message_id = Journal::Audit.message_id(),
                 caller_uid = caller.uid,
                 caller = caller.user.as_deref().unwrap_or("?"),
-                "refused {req:?} from uid {}: not in {}",
+                "refused {req:?} from uid {}: {refusal}",
                 caller.uid,
-                self.config.authorized_group
             );
-            let _ = reply.send(Response::Error(format!(
-                "not authorized: only root and members of {} may do this",
-                self.config.authorized_group
-            )));
+            let _ = reply.send(Response::Error(refusal));
             return;
         }
         let answer = match req {
             // Read-only: answered at once, from memory.
             Request::Status => {
-                let _ = reply.send(match serde_json::to_value(self.status()) {
+                let _ = reply.send(match serde_json::to_value(self.status(&scope)) {
                     Ok(v) => Response::Ok(v),
                     Err(e) => Response::Error(e.to_string()),
                 });
                 return;
             }
             Request::MaintenanceList => {
-                let _ = reply.send(Response::Ok(self.maintenance_list()));
+                let _ = reply.send(Response::Ok(self.maintenance_list(&scope)));
                 return;
             }
             Request::Reboot { vm } => {
-                audit(caller, "reboot", Some(&vm));
+                self.audit(caller, "reboot", Some(&vm));
                 return self.api_reboot(&vm, caller, reply);
             }
             Request::MaintenanceRequest { vm, reason } => {
-                audit(caller, "maintenance-request", Some(&vm));
+                self.audit(caller, "maintenance-request", Some(&vm));
                 match self.request_maintenance(&vm, &reason, caller, Utc::now()) {
                     Ok(slot) => Response::Ok(serde_json::json!({ "vm": vm, "slot": slot })),
                     Err(e) => Response::Error(format!("{e:#}")),
                 }
             }
             Request::RunDue { now } => {
-                audit(caller, "run-due", None);
+                self.audit(caller, "run-due", None);
                 let now = match self.api_now(now, caller) {
                     Ok(n) => n,
                     Err(e) => return drop(reply.send(e)),
@@ -69,35 +73,60 @@ impl Daemon {
                 return self.wait_until_idle(ops, now, ok, reply);
             }
             Request::Delete { vm, date, now } => {
-                audit(caller, "delete", Some(&vm));
+                self.audit(caller, "delete", Some(&vm));
                 match self.api_now(now, caller) {
                     Ok(now) => self.api_delete(&vm, date, now, caller),
                     Err(e) => e,
                 }
             }
             Request::CancelDeletion { vm, now } => {
-                audit(caller, "cancel-deletion", Some(&vm));
+                self.audit(caller, "cancel-deletion", Some(&vm));
                 match self.api_now(now, caller) {
                     Ok(now) => self.api_cancel_deletion(&vm, now, caller),
                     Err(e) => e,
                 }
             }
             Request::AdoptDisk { vm } => {
-                audit(caller, "adopt-disk", Some(&vm));
+                self.audit(caller, "adopt-disk", Some(&vm));
                 return self.api_adopt(&vm, caller, reply);
             }
             Request::ConfirmRemoval { vms } => {
                 for vm in &vms {
-                    audit(caller, "confirm-removal", Some(vm));
+                    self.audit(caller, "confirm-removal", Some(vm));
                 }
                 self.api_confirm_removal(&vms)
             }
             Request::Reload => {
-                audit(caller, "reload", None);
+                self.audit(caller, "reload", None);
                 return self.load_config(Some(reply));
             }
         };
         self.answer(answer, reply);
+    }
+
+    /// Why `req` is refused to a caller of `scope`, if it is: a VM's commands need its
+    /// project, the host-wide ones some project; reading is open (and filtered).
+    fn refusal(&self, req: &Request, scope: &Scope) -> Option<String> {
+        let vm = match req {
+            Request::Status | Request::MaintenanceList => return None,
+            Request::RunDue { .. } | Request::Reload => {
+                return (!scope.any()).then(|| access::host_refusal(&self.config));
+            }
+            Request::ConfirmRemoval { vms } => {
+                return vms.iter().find_map(|vm| {
+                    let project = &self.project(vm).name;
+                    (!scope.covers(project))
+                        .then(|| access::refusal(&self.config, vm.as_str(), project))
+                });
+            }
+            Request::Reboot { vm }
+            | Request::MaintenanceRequest { vm, .. }
+            | Request::Delete { vm, .. }
+            | Request::CancelDeletion { vm, .. }
+            | Request::AdoptDisk { vm } => vm,
+        };
+        let project = &self.project(vm).name;
+        (!scope.covers(project)).then(|| access::refusal(&self.config, vm.as_str(), project))
     }
 
     /// `reboot NAME --now`: a planned cold reboot that applies pending changes (a start, when
@@ -215,14 +244,17 @@ impl Daemon {
         }
     }
 
-    fn maintenance_list(&self) -> serde_json::Value {
-        let tz = self.config.timezone;
+    /// The announced maintenances of the projects the caller may see.
+    fn maintenance_list(&self, scope: &Scope) -> serde_json::Value {
         self.state
             .maintenances
             .iter()
+            .filter(|(vm, _)| scope.covers(&self.project(vm).name))
             .map(|(vm, m)| {
+                let tz = self.zone(vm);
                 serde_json::json!({
                     "vm": vm,
+                    "project": m.project,
                     "slot": slot_in(tz, m.slot_start, m.slot_end),
                     "announcedAt": rfc3339(m.announced_at.with_timezone(&tz)),
                     "reasons": m.reasons.iter().map(describe_reason).collect::<Vec<_>>(),
@@ -230,30 +262,31 @@ impl Daemon {
             })
             .collect()
     }
-}
 
-/// Records an accepted mutating call: who (from the kernel), what, on which VM.
-fn audit(caller: &Caller, action: &str, vm: Option<&VmName>) {
-    let user = caller.user.as_deref().unwrap_or("?");
-    match vm {
-        Some(vm) => info!(
-            message_id = Journal::Audit.message_id(),
-            vm = vm.as_str(),
-            action,
-            caller_uid = caller.uid,
-            caller = user,
-            planned = true,
-            "{action} {vm} requested by {user} (uid {})",
-            caller.uid
-        ),
-        None => info!(
-            message_id = Journal::Audit.message_id(),
-            action,
-            caller_uid = caller.uid,
-            caller = user,
-            planned = true,
-            "{action} requested by {user} (uid {})",
-            caller.uid
-        ),
+    /// Records an accepted mutating call: who (from the kernel), what, on which VM.
+    fn audit(&self, caller: &Caller, action: &str, vm: Option<&VmName>) {
+        let user = caller.user.as_deref().unwrap_or("?");
+        match vm {
+            Some(vm) => info!(
+                message_id = Journal::Audit.message_id(),
+                vm = vm.as_str(),
+                project = self.project(vm).name.as_str(),
+                action,
+                caller_uid = caller.uid,
+                caller = user,
+                planned = true,
+                "{action} {vm} requested by {user} (uid {})",
+                caller.uid
+            ),
+            None => info!(
+                message_id = Journal::Audit.message_id(),
+                action,
+                caller_uid = caller.uid,
+                caller = user,
+                planned = true,
+                "{action} requested by {user} (uid {})",
+                caller.uid
+            ),
+        }
     }
 }

@@ -5,7 +5,6 @@ use chrono::{DateTime, NaiveDate, Utc};
 use tracing::{info, warn};
 
 use super::eventloop::Daemon;
-use super::journal;
 use super::ops::Job;
 use crate::api::{Caller, Response};
 use crate::deletion::{self, Progress, Schedule, Stage};
@@ -56,7 +55,7 @@ impl Daemon {
             },
         );
         self.changed();
-        let schedule = Schedule::new(self.config.timezone, date);
+        let schedule = Schedule::new(self.zone(vm), date);
         let by = match source {
             DeletionSource::Config => "deleteAt in the configuration".to_owned(),
             DeletionSource::Removed => "removal from the configuration".to_owned(),
@@ -76,13 +75,14 @@ impl Daemon {
             warn!(
                 message_id = Journal::Deletion.message_id(),
                 vm = vm.as_str(),
+                project = self.project(vm).name.as_str(),
                 action = "schedule-deletion",
                 reason = by.as_str(),
                 planned = true,
                 "{vm} was removed from the configuration: {reason}; declare it again to keep it"
             );
         } else {
-            journal(Journal::Deletion, vm, "schedule-deletion", &by, &reason);
+            self.journal(Journal::Deletion, vm, "schedule-deletion", &by, &reason);
         }
         self.notify_deletion(vm, "schedule-deletion", &reason, now);
     }
@@ -100,7 +100,7 @@ impl Daemon {
             r.ip_addresses = held;
         }
         let text = format!("deletion cancelled: {reason}; the VM is kept as it was");
-        journal(Journal::Deletion, vm, "cancel-deletion", reason, &text);
+        self.journal(Journal::Deletion, vm, "cancel-deletion", reason, &text);
         // Told while the deletion is still on record, so the hook sees its dates.
         self.notify_deletion(vm, "cancel-deletion", reason, now);
         self.state.deletions.remove(vm);
@@ -124,7 +124,7 @@ impl Daemon {
         {
             return None;
         }
-        let tz = self.config.timezone;
+        let tz = self.zone(vm);
         let d = self.state.deletions.get_mut(vm)?;
         if d.progress.has_done(stage) || d.announcement.is_some() {
             // Done, or the announcement waits for the hook.
@@ -134,6 +134,7 @@ impl Daemon {
             warn!(
                 message_id = Journal::OperationFailed.message_id(),
                 vm = vm.as_str(),
+                project = self.project(vm).name.as_str(),
                 "deletion stage {stage} refused: {e}"
             );
             return None;
@@ -202,7 +203,7 @@ impl Daemon {
             self.announce_deletion(vm, now);
             return;
         }
-        let tz = self.config.timezone;
+        let tz = self.zone(vm);
         let Some(d) = self.state.deletions.get_mut(vm) else {
             return;
         };
@@ -280,7 +281,7 @@ impl Daemon {
     /// The T − 5 announcement goes to the hook; the stage counts as done once the hook took
     /// it ([`Daemon::announcement_delivered`]).
     fn announce_deletion(&mut self, vm: &VmName, now: DateTime<Utc>) {
-        let tz = self.config.timezone;
+        let tz = self.zone(vm);
         let Some(d) = self.state.deletions.get(vm) else {
             return;
         };
@@ -306,7 +307,7 @@ impl Daemon {
         if let Some(d) = self.state.deletions.get_mut(vm) {
             d.announcement = Some(id);
         }
-        journal(
+        self.journal(
             Journal::Deletion,
             vm,
             "deletion-announcing",
@@ -319,16 +320,19 @@ impl Daemon {
     /// The hook took notification `id`: if it was a deletion's announcement, the announce
     /// stage is done now, and the monitoring downtime recorded.
     pub(super) fn announcement_delivered(&mut self, id: u64, now: DateTime<Utc>) {
-        let tz = self.config.timezone;
-        let Some((vm, d)) = self
+        let Some(vm) = self
             .state
             .deletions
-            .iter_mut()
+            .iter()
             .find(|(_, d)| d.announcement == Some(id))
+            .map(|(vm, _)| vm.clone())
         else {
             return;
         };
-        let vm = vm.clone();
+        let tz = self.zone(&vm);
+        let Some(d) = self.state.deletions.get_mut(&vm) else {
+            return;
+        };
         let Ok(next) = d.progress.complete(Stage::Announce) else {
             return;
         };
@@ -350,6 +354,7 @@ impl Daemon {
         info!(
             message_id = Journal::Deletion.message_id(),
             vm = vm.as_str(),
+            project = self.project(vm).name.as_str(),
             action = "deletion-stage",
             reason = what,
             planned = true,
@@ -367,7 +372,7 @@ impl Daemon {
         reason: &str,
         now: DateTime<Utc>,
     ) -> u64 {
-        let tz = self.config.timezone;
+        let tz = self.zone(vm);
         let mut event = self.hook_event(Journal::Deletion, vm, action, reason, true, now);
         if let Some(d) = self.state.deletions.get(vm) {
             let mut v = timeline_json(vm, &d.schedule(tz));
@@ -376,9 +381,7 @@ impl Daemon {
             });
             event["deletion"] = v;
         }
-        let id = self.state.enqueue(event, now);
-        self.changed();
-        id
+        self.notify(vm, event, now)
     }
 
     /// `vmkeeper delete NAME --at DATE`.
@@ -418,12 +421,13 @@ impl Daemon {
                 "{vm} has deleteAt = {at} in the configuration; change it there"
             ));
         }
-        if let Err(e) = deletion::check_request(self.config.timezone, now, date) {
+        let tz = self.zone(vm);
+        if let Err(e) = deletion::check_request(tz, now, date) {
             return Response::Error(format!("refused: {e}"));
         }
         self.schedule_deletion(vm, date, &DeletionSource::Cli { by: caller.name() }, now);
         self.dirty_pass();
-        let schedule = Schedule::new(self.config.timezone, date);
+        let schedule = Schedule::new(tz, date);
         Response::Ok(timeline_json(vm, &schedule))
     }
 
@@ -453,7 +457,7 @@ impl Daemon {
             }
             DeletionSource::Cli { .. } => {}
         }
-        let schedule = d.schedule(self.config.timezone);
+        let schedule = d.schedule(self.zone(vm));
         if let Err(e) = deletion::can_cancel(&schedule, d.progress, now) {
             return Response::Error(format!("too late to cancel: {e}"));
         }

@@ -17,7 +17,7 @@ impl Daemon {
         SilencePlan {
             alertmanager: self.config.alertmanager.clone(),
             created_by: self.silence_creator.clone(),
-            wanted: silences::wanted(&self.state, self.config.timezone),
+            wanted: silences::wanted(&self.state, |vm| self.zone(vm)),
             records: self.state.silences.clone(),
             ours: self.ours().union(&self.retired).cloned().collect(),
         }
@@ -29,7 +29,7 @@ impl Daemon {
             return 0;
         }
         let now = Utc::now();
-        silences::wanted(&self.state, self.config.timezone)
+        silences::wanted(&self.state, |vm| self.zone(vm))
             .iter()
             .filter(|w| w.ends_at > now)
             .filter(|w| {
@@ -54,6 +54,7 @@ impl Daemon {
                 info!(
                     message_id = Journal::Downtime.message_id(),
                     vm = record.vm.as_str(),
+                    project = self.project(&record.vm).name.as_str(),
                     action = "silence",
                     reason = record.purpose.as_str(),
                     planned = true,
@@ -112,6 +113,7 @@ impl Daemon {
         info!(
             message_id = Journal::Downtime.message_id(),
             vm = vm.as_str(),
+            project = self.project(vm).name.as_str(),
             action = "unsilence",
             reason = purpose.as_str(),
             planned = true,

@@ -11,18 +11,18 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
-use super::notifier::Outbox;
+use super::notifier::{Hooks, Outbox};
 use super::ops::{self, Ctx, Job, QemuStart, QemuStop, QmpConn};
 use super::silences::SilencePlan;
 use super::timers::TimerPlan;
-use super::{Event, failed, journal, link, persist, resync, sandbox, timers};
+use super::{Event, link, persist, resync, sandbox, timers};
 use crate::api::Response;
-use crate::config::Config;
+use crate::config::{Config, Project};
 use crate::events::Event as Journal;
 use crate::exec::qmp::QmpEvent;
 use crate::exec::systemd::{self, StopPolicy, TransientService};
 use crate::metrics::{Histograms, VmCounters};
-use crate::model::{GIB, InvocationId, Resources, VmName, VmSpec};
+use crate::model::{GIB, GroupName, InvocationId, Resources, VmName, VmSpec};
 use crate::plan::{self, Action, Observed, ObservedVm, Plan};
 use crate::render::{self, VmPaths};
 use crate::state::{
@@ -214,6 +214,8 @@ pub(super) struct Daemon {
     pub counters: BTreeMap<VmName, VmCounters>,
     /// Pass and grow durations, for the metrics.
     pub histograms: Histograms,
+    /// The groups API requests are judged by (each connection resolves them).
+    pub groups_tx: watch::Sender<Arc<Vec<GroupName>>>,
 }
 
 /// The channels the loop talks to its tasks through, made by startup.
@@ -243,6 +245,7 @@ impl Daemon {
         let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_else(|_| "?".into());
+        let groups_tx = watch::channel(super::projects::groups(&config)).0;
         Daemon {
             config_path,
             config,
@@ -286,6 +289,7 @@ impl Daemon {
             alertmanager_error: None,
             counters: BTreeMap::new(),
             histograms: Histograms::default(),
+            groups_tx,
         }
     }
 
@@ -355,18 +359,18 @@ impl Daemon {
             self.persist_tx
                 .send_replace(Some((self.durability.generation, snapshot)));
             let outbox = Outbox {
-                command: self.config.notify_command.clone(),
+                hooks: Hooks::of(&self.config),
                 notices: Arc::new(self.state.outbox.clone()),
             };
             self.outbox_tx.send_if_modified(|o| {
-                let modified = o.notices != outbox.notices || o.command != outbox.command;
+                let modified = o.notices != outbox.notices || o.hooks != outbox.hooks;
                 if modified {
                     *o = outbox;
                 }
                 modified
             });
             let plan = TimerPlan {
-                wanted: timers::desired(&self.state, self.config.timezone, Utc::now()),
+                wanted: timers::desired(&self.state, |vm| self.zone(vm), Utc::now()),
                 ours: self.ours().union(&self.retired).cloned().collect(),
                 argv: self.timer_argv.clone(),
                 generation: self.durability.generation,
@@ -497,8 +501,9 @@ impl Daemon {
             Event::Api {
                 request,
                 caller,
+                groups,
                 reply,
-            } => self.api(request, &caller, reply),
+            } => self.api(request, &caller, &groups, reply),
             Event::Metrics { reply } => self.scrape(reply),
             Event::Silences(report) => self.silences_report(report),
             Event::TimersSynced { generation } => {
@@ -558,6 +563,8 @@ impl Daemon {
                     );
                 }
                 self.config = Arc::new(c.config);
+                self.groups_tx
+                    .send_replace(super::projects::groups(&self.config));
                 for slot in self.vms.values_mut() {
                     slot.outdated_argv = None;
                 }
@@ -569,7 +576,16 @@ impl Daemon {
                 }
             }
             Err(e) => {
-                let msg = format!("configuration not reloaded, keeping the old one: {e:#}");
+                // Every problem with its field path, as check-config prints them.
+                let problems = match &e {
+                    crate::config::LoadError::Invalid { problems, .. } => problems
+                        .iter()
+                        .map(|p| format!("; {p}"))
+                        .collect::<String>(),
+                    crate::config::LoadError::Read { .. } => String::new(),
+                };
+                let msg =
+                    format!("configuration not reloaded, keeping the old one: {e:#}{problems}");
                 warn!(message_id = Journal::OperationFailed.message_id(), "{msg}");
                 if let Some(reply) = reply {
                     let _ = reply.send(Response::Error(msg));
@@ -654,6 +670,7 @@ impl Daemon {
                 warn!(
                     message_id = Journal::OperationFailed.message_id(),
                     vm = vm.as_str(),
+                    project = self.project(vm).name.as_str(),
                     action = "qmp-lost",
                     reason = "the QMP connection closed while QEMU runs",
                     planned = true,
@@ -666,6 +683,7 @@ impl Daemon {
                 info!(
                     message_id = Journal::OperationFailed.message_id(),
                     vm = vm.as_str(),
+                    project = self.project(vm).name.as_str(),
                     action = "qmp-reconnected",
                     planned = true,
                     "QMP connection to instance {} re-established after {:.1} s",
@@ -712,7 +730,7 @@ impl Daemon {
                     detail,
                 } => self.ended(vm, kind, instance, detail),
                 Decision::Adopted { instance } => {
-                    journal(
+                    self.journal(
                         Journal::VmAdopted,
                         vm,
                         "adopt",
@@ -807,6 +825,7 @@ impl Daemon {
         error!(
             message_id = Journal::Unplanned.message_id(),
             vm = vm.as_str(),
+            project = self.project(vm).name.as_str(),
             action = kind.as_str(),
             reason = detail,
             planned = false,
@@ -823,11 +842,24 @@ impl Daemon {
             });
         }
         let event = self.hook_event(Journal::Unplanned, vm, kind.as_str(), detail, false, now);
-        self.state.enqueue(event, now);
-        self.changed();
+        self.notify(vm, event, now);
     }
 
-    /// The JSON the hook gets for an event about `vm`.
+    /// Queues `event` about `vm` for its project's hook.
+    pub(super) fn notify(
+        &mut self,
+        vm: &VmName,
+        event: serde_json::Value,
+        now: DateTime<Utc>,
+    ) -> u64 {
+        let project = self.project(vm).name.clone();
+        let id = self.state.enqueue(&project, event, now);
+        self.changed();
+        id
+    }
+
+    /// The JSON the hook gets for an event about `vm`: it names the VM's project and its
+    /// contacts, so one hook can tell each customer, and gives the time in its zone.
     pub(super) fn hook_event(
         &self,
         event: Journal,
@@ -837,15 +869,7 @@ impl Daemon {
         planned: bool,
         now: DateTime<Utc>,
     ) -> serde_json::Value {
-        serde_json::json!({
-            "event": event.as_str(),
-            "vm": vm,
-            "action": action,
-            "reason": reason,
-            "planned": planned,
-            "at": crate::localtime::rfc3339(now.with_timezone(&self.config.timezone)),
-            "contacts": self.config.contacts,
-        })
+        hook_event(self.project(vm), event, vm, action, reason, planned, now)
     }
 
     /// One pass: plan for `now` and carry out what the plan says for every VM that is not
@@ -858,6 +882,7 @@ impl Daemon {
     }
 
     fn pass_at(&mut self, now: DateTime<Utc>) -> Vec<u64> {
+        self.sync_projects();
         let observed = self.observed();
         let plan = plan::plan(&self.config, &observed, &self.state, now);
         self.report(&plan);
@@ -964,7 +989,7 @@ impl Daemon {
         for r in &plan.refusals {
             let text = r.to_string();
             if self.slot(&r.vm).announced_refusals.insert(text.clone()) {
-                journal(Journal::ChangeRefused, &r.vm, "refuse", &r.message, &text);
+                self.journal(Journal::ChangeRefused, &r.vm, "refuse", &r.message, &text);
             }
         }
         for p in &plan.pending {
@@ -975,7 +1000,7 @@ impl Daemon {
                     "CPU/RAM change pending: cores {} -> {}, memoryMiB {} -> {}; reboot in slot {}",
                     p.from.cores, p.to.cores, p.from.memory_mib, p.to.memory_mib, p.slot
                 );
-                journal(Journal::ChangePending, &p.vm, "pending", &text, &text);
+                self.journal(Journal::ChangePending, &p.vm, "pending", &text, &text);
             }
         }
     }
@@ -1039,11 +1064,12 @@ impl Daemon {
             }
             Action::ScheduleMaintenance {
                 vm,
+                project,
                 slot,
                 reasons,
                 replaces,
             } => {
-                self.schedule_maintenance(&vm, slot, &reasons, replaces, now);
+                self.schedule_maintenance(&vm, &project, slot, &reasons, replaces, now);
                 None
             }
             Action::CancelMaintenance { vm, reason } => {
@@ -1379,7 +1405,7 @@ impl Daemon {
             let slot = self.slot(&vm);
             slot.sup.begin(w.id, w.kind, now, Duration::ZERO);
             let retry = slot.sup.finish(w.id, now, Err(error.clone()), None);
-            failed(&vm, w.kind.as_str(), &error, retry);
+            self.failed(&vm, w.kind.as_str(), &error, retry);
             self.count_failure(&vm, w.kind);
             self.op_finished(w.id, Some(&error));
         }
@@ -1429,9 +1455,9 @@ impl Daemon {
                     Err(e) => {
                         self.drop_intent_of(vm, op.kind);
                         if e.contains("cannot shrink") {
-                            journal(Journal::ChangeRefused, vm, "refuse", &e, &e);
+                            self.journal(Journal::ChangeRefused, vm, "refuse", &e, &e);
                         } else {
-                            failed(vm, op.kind.as_str(), &e, retry);
+                            self.failed(vm, op.kind.as_str(), &e, retry);
                             self.count_failure(vm, op.kind);
                         }
                         if let Some((kind, instance, detail)) = self.slot(vm).pending_alarm.take() {
@@ -1469,7 +1495,7 @@ impl Daemon {
             _ => return,
         };
         self.record_started(vm, resources, argv, instance);
-        journal(
+        self.journal(
             Journal::VmStarted,
             vm,
             "start",
@@ -1531,7 +1557,7 @@ impl Daemon {
             r.running = false;
         }
         self.changed();
-        journal(
+        self.journal(
             Journal::VmStopped,
             vm,
             "stop",
@@ -1555,7 +1581,7 @@ impl Daemon {
                 self.changed();
                 self.observe_grow(began.elapsed());
                 let ms = began.elapsed().as_secs_f64() * 1000.0;
-                journal(
+                self.journal(
                     Journal::DiskGrown,
                     vm,
                     "grow-disk",
@@ -1565,7 +1591,7 @@ impl Daemon {
             }
             ops::Outcome::Staged { what, trashed } => match kind {
                 OpKind::Stage(stage) => self.stage_done(vm, stage, &what, trashed, Utc::now()),
-                _ => journal(Journal::DiskGrown, vm, "adopt-disk", &what, &what),
+                _ => self.journal(Journal::DiskGrown, vm, "adopt-disk", &what, &what),
             },
             ops::Outcome::Inspected(exit) => {
                 if let Some((kind, instance, detail)) = self.slot(vm).pending_alarm.take() {
@@ -1611,7 +1637,7 @@ impl Daemon {
         } else {
             format!("disk found and taken: {gib} GiB")
         };
-        journal(
+        self.journal(
             Journal::DiskGrown,
             vm,
             "create-disk",
@@ -1762,6 +1788,28 @@ impl Daemon {
             }
         }
     }
+}
+
+/// The JSON the hook gets for an event about `vm` of `project`.
+pub(super) fn hook_event(
+    project: &Project,
+    event: Journal,
+    vm: &VmName,
+    action: &str,
+    reason: &str,
+    planned: bool,
+    now: DateTime<Utc>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "event": event.as_str(),
+        "vm": vm,
+        "project": project.name,
+        "action": action,
+        "reason": reason,
+        "planned": planned,
+        "at": crate::localtime::rfc3339(now.with_timezone(&project.tz())),
+        "contacts": project.contacts,
+    })
 }
 
 /// The VM an action is about.

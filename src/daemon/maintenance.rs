@@ -5,12 +5,11 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use tracing::info;
 
-use super::eventloop::Daemon;
-use super::journal;
+use super::eventloop::{Daemon, hook_event};
 use crate::api::Caller;
 use crate::events::Event as Journal;
 use crate::maintenance::Slot;
-use crate::model::VmName;
+use crate::model::{ProjectName, VmName};
 use crate::plan::slot_in;
 use crate::state::{Intent, Maintenance, Reason, RebootKind};
 
@@ -47,6 +46,7 @@ impl Daemon {
     pub(super) fn schedule_maintenance(
         &mut self,
         vm: &VmName,
+        project: &ProjectName,
         slot: Slot,
         reasons: &[Reason],
         replaces: Option<Slot>,
@@ -71,6 +71,7 @@ impl Daemon {
                 announced_at: kept.map_or(now, |k| k.0),
                 notice: kept.and_then(|k| k.1),
                 delivered_at: kept.and_then(|k| k.2),
+                project: project.clone(),
             },
         );
         let reason = reasons
@@ -86,13 +87,15 @@ impl Daemon {
         info!(
             message_id = Journal::MaintenanceScheduled.message_id(),
             vm = vm.as_str(),
+            project = self.project(vm).name.as_str(),
             action = "schedule-maintenance",
             reason = reason.as_str(),
             planned = true,
             slot = %slot,
             "{text}"
         );
-        let mut event = self.hook_event(
+        let mut event = hook_event(
+            self.config.project_named(project),
             Journal::MaintenanceScheduled,
             vm,
             "schedule-maintenance",
@@ -101,7 +104,7 @@ impl Daemon {
             now,
         );
         event["slot"] = serde_json::to_value(slot).unwrap_or_default();
-        let id = self.state.enqueue(event, now);
+        let id = self.state.enqueue(project, event, now);
         if kept.is_none()
             && let Some(m) = self.state.maintenances.get_mut(vm)
         {
@@ -128,19 +131,21 @@ impl Daemon {
         self.dirty_pass();
     }
 
-    /// Drops a maintenance that is no longer needed and announces that.
+    /// Drops a maintenance that is no longer needed and announces that, to the project it
+    /// was announced to (the VM's old project, when it moved).
     pub(super) fn cancel_maintenance(&mut self, vm: &VmName, reason: &str, now: DateTime<Utc>) {
-        if self.state.maintenances.remove(vm).is_none() {
+        let Some(m) = self.state.maintenances.remove(vm) else {
             return;
-        }
-        journal(
+        };
+        self.journal(
             Journal::MaintenanceCancelled,
             vm,
             "cancel-maintenance",
             reason,
             &format!("maintenance cancelled: {reason}"),
         );
-        let event = self.hook_event(
+        let event = hook_event(
+            self.config.project_named(&m.project),
             Journal::MaintenanceCancelled,
             vm,
             "cancel-maintenance",
@@ -148,7 +153,7 @@ impl Daemon {
             true,
             now,
         );
-        self.state.enqueue(event, now);
+        self.state.enqueue(&m.project, event, now);
         self.changed();
     }
 
@@ -167,7 +172,7 @@ impl Daemon {
             }) if self.state.maintenances.contains_key(vm) => {
                 self.state.maintenances.remove(vm);
                 {
-                    journal(
+                    self.journal(
                         Journal::MaintenanceScheduled,
                         vm,
                         "maintenance-done",
@@ -209,29 +214,29 @@ impl Daemon {
             by: caller.name(),
             reason: reason.to_owned(),
         };
-        let tz = self.config.timezone;
+        let project = self.project(vm);
+        let (name, tz) = (project.name.clone(), project.tz());
         let (slot, replaces, mut reasons) = match self.state.maintenances.get(vm) {
+            // A maintenance of the project the VM belonged to before it moved is the
+            // planner's to move; this one adds to it as it stands.
             Some(m) => {
                 let slot = slot_in(tz, m.slot_start, m.slot_end);
                 (slot, Some(slot), m.reasons.clone())
             }
             None => {
-                let taken: Vec<Slot> = self
-                    .state
-                    .maintenances
-                    .values()
-                    .map(|m| slot_in(tz, m.slot_start, m.slot_end))
-                    .collect();
-                let slot = self
-                    .config
-                    .maintenance
-                    .pick_slot(now, &taken)
+                let held = crate::plan::held_slots(&self.state);
+                let slot = crate::plan::pick_slot(&self.config, project, &held, now)
                     .context("no maintenance slot fits within the search horizon")?;
                 (slot, None, vec![])
             }
         };
+        let project = self
+            .state
+            .maintenances
+            .get(vm)
+            .map_or(name, |m| m.project.clone());
         reasons.push(requested);
-        self.schedule_maintenance(vm, slot, &reasons, replaces, now);
+        self.schedule_maintenance(vm, &project, slot, &reasons, replaces, now);
         Ok(slot)
     }
 }

@@ -81,7 +81,6 @@ impl Daemon {
 
     /// What a scrape shows at `now`.
     pub(super) fn metrics_snapshot(&self, now: DateTime<Utc>) -> Snapshot {
-        let tz = self.config.timezone;
         let vms = self
             .ours()
             .into_iter()
@@ -102,7 +101,7 @@ impl Daemon {
                 };
                 let maintenance = self.state.maintenances.get(&vm);
                 VmMetrics {
-                    project: self.config.project_of(&vm).to_owned(),
+                    project: self.project(&vm).name.to_string(),
                     running,
                     should_run: spec.is_some_and(|s| s.online) && !shut_down,
                     declared: spec.map(|s| s.resources),
@@ -129,7 +128,7 @@ impl Daemon {
                         .map(|m| (m.slot_start.timestamp(), m.slot_end.timestamp())),
                     in_maintenance: self.in_maintenance(&vm, now),
                     deletion: deletion.map(|d| {
-                        let schedule = d.schedule(tz);
+                        let schedule = d.schedule(self.zone(&vm));
                         DeletionMetrics {
                             stage: match d.progress {
                                 Progress::Scheduled => "scheduled",

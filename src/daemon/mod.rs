@@ -25,6 +25,7 @@ mod metrics;
 mod notifier;
 mod ops;
 mod persist;
+mod projects;
 pub mod resync;
 mod sandbox;
 mod scrape;
@@ -40,6 +41,7 @@ use anyhow::Result;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+use crate::access::GroupIds;
 use crate::api::{Caller, Request, Response};
 use crate::config::{Checked, LoadError};
 use crate::events::Event as Journal;
@@ -141,6 +143,8 @@ pub enum Event {
         request: Request,
         /// Who asks, as the kernel says.
         caller: Caller,
+        /// The ids of the configured groups, looked up for this request.
+        groups: GroupIds,
         /// Where the answer goes.
         reply: oneshot::Sender<Response>,
     },
@@ -168,29 +172,34 @@ pub async fn run(config_path: &Path, test_clock: bool) -> Result<()> {
     result
 }
 
-/// One structured journal entry about a VM.
-fn journal(event: Journal, vm: &VmName, action: &str, reason: &str, text: &str) {
-    info!(
-        message_id = event.message_id(),
-        vm = vm.as_str(),
-        action,
-        reason,
-        planned = true,
-        "{text}"
-    );
-}
+impl eventloop::Daemon {
+    /// One structured journal entry about a VM, with its project (`PROJECT=`), so that
+    /// `journalctl PROJECT=shop` tells a project's story.
+    fn journal(&self, event: Journal, vm: &VmName, action: &str, reason: &str, text: &str) {
+        info!(
+            message_id = event.message_id(),
+            vm = vm.as_str(),
+            project = self.project(vm).name.as_str(),
+            action,
+            reason,
+            planned = true,
+            "{text}"
+        );
+    }
 
-/// Journals a failed operation; `retry` says when it is tried again, if it is.
-fn failed(vm: &VmName, what: &str, error: &str, retry: Option<std::time::Duration>) {
-    let next = retry.map_or(String::new(), |d| format!("; next attempt in {d:?}"));
-    warn!(
-        message_id = Journal::OperationFailed.message_id(),
-        vm = vm.as_str(),
-        action = what,
-        reason = error,
-        planned = true,
-        "VM {vm}: {what} failed: {error}{next}"
-    );
+    /// Journals a failed operation; `retry` says when it is tried again, if it is.
+    fn failed(&self, vm: &VmName, what: &str, error: &str, retry: Option<std::time::Duration>) {
+        let next = retry.map_or(String::new(), |d| format!("; next attempt in {d:?}"));
+        warn!(
+            message_id = Journal::OperationFailed.message_id(),
+            vm = vm.as_str(),
+            project = self.project(vm).name.as_str(),
+            action = what,
+            reason = error,
+            planned = true,
+            "VM {vm}: {what} failed: {error}{next}"
+        );
+    }
 }
 
 /// systemd needs an absolute ExecStart path; a bare name is looked up in PATH once here.

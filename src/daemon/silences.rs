@@ -97,13 +97,14 @@ pub fn comment_prefix(purpose: SilencePurpose, vm: &VmName) -> String {
 }
 
 /// The silences the state calls for: a deletion's from T (once announced) until its name is
-/// released, a maintenance slot's for the slot.
-pub fn wanted(state: &State, tz: Tz) -> Vec<Wanted> {
+/// released, a maintenance slot's for the slot. `zone` gives each VM's zone (its project's).
+pub fn wanted(state: &State, zone: impl Fn(&VmName) -> Tz) -> Vec<Wanted> {
     let mut wanted = vec![];
     for (vm, d) in &state.deletions {
         let Some(from) = d.downtime_from else {
             continue;
         };
+        let tz = zone(vm);
         let schedule = d.schedule(tz);
         let until = schedule.at(Stage::ReleaseName).with_timezone(&Utc);
         let by = match &d.source {
@@ -140,7 +141,7 @@ pub fn wanted(state: &State, tz: Tz) -> Vec<Wanted> {
             comment: format!(
                 "{}: maintenance reboot in slot {} ({reasons})",
                 comment_prefix(SilencePurpose::Maintenance, vm),
-                slot_in(tz, m.slot_start, m.slot_end),
+                slot_in(zone(vm), m.slot_start, m.slot_end),
             ),
         });
     }
@@ -617,7 +618,7 @@ mod tests {
         };
         s.deletions.insert(vm("a"), d.clone());
         // Not announced yet: no downtime, no silence.
-        assert_eq!(wanted(&s, tz), []);
+        assert_eq!(wanted(&s, |_| tz), []);
         s.deletions.insert(
             vm("a"),
             Deletion {
@@ -637,9 +638,10 @@ mod tests {
                 announced_at: t(NOW),
                 notice: None,
                 delivered_at: None,
+                project: Default::default(),
             },
         );
-        let w = wanted(&s, tz);
+        let w = wanted(&s, |_| tz);
         assert_eq!(w.len(), 2);
         assert_eq!(
             (w[0].purpose, w[0].starts_at, w[0].ends_at),

@@ -16,7 +16,7 @@ use super::notifier::Outbox;
 use super::ops::{Ceph, Ctx, Job, QemuStart};
 use super::silences::SilencePlan;
 use super::timers::TimerPlan;
-use super::{Event, journal, notifier, persist, resync, scrape, silences, timers};
+use super::{Event, notifier, persist, projects, resync, scrape, silences, timers};
 use crate::api::{self, Response};
 use crate::config::{self, Config};
 use crate::events::Event as Journal;
@@ -155,13 +155,14 @@ impl Daemon {
                 false,
                 now,
             );
-            self.state.enqueue(event, now);
+            self.notify(vm, event, now);
         }
         save_now(self).await?;
         for (vm, _) in &alarms {
             error!(
                 message_id = Journal::Unplanned.message_id(),
                 vm = vm.as_str(),
+                project = self.project(vm).name.as_str(),
                 action = UnplannedKind::HostRebooted.as_str(),
                 reason = detail,
                 planned = false,
@@ -238,7 +239,7 @@ impl Daemon {
             ) => {
                 self.state.intents.remove(vm);
                 self.record_started(vm, resources, argv, instance);
-                journal(
+                self.journal(
                     Journal::VmStarted,
                     vm,
                     "start",
@@ -259,7 +260,7 @@ impl Daemon {
                 self.count_planned_reboot(vm, kind);
                 self.state.intents.remove(vm);
                 self.record_started(vm, *resources, argv.clone(), instance);
-                journal(
+                self.journal(
                     Journal::VmStarted,
                     vm,
                     "start",
@@ -273,7 +274,7 @@ impl Daemon {
                 if !matches!(reason, StopReason::Deletion { .. }) {
                     self.state.intents.remove(vm);
                 }
-                journal(
+                self.journal(
                     Journal::VmStopped,
                     vm,
                     "stop",
@@ -295,7 +296,7 @@ impl Daemon {
             }
         }
         if running {
-            journal(
+            self.journal(
                 Journal::VmAdopted,
                 vm,
                 "adopt",
@@ -321,6 +322,7 @@ impl Daemon {
         warn!(
             message_id = Journal::VmStopped.message_id(),
             vm = vm.as_str(),
+            project = self.project(vm).name.as_str(),
             action = "reboot",
             planned = true,
             "resuming a reboot the daemon was carrying out when it stopped"
@@ -352,6 +354,7 @@ impl Daemon {
             warn!(
                 message_id = Journal::Deletion.message_id(),
                 vm = vm.as_str(),
+                project = self.project(&vm).name.as_str(),
                 action = "deletion-resume",
                 stage = stage.as_str(),
                 planned = true,
@@ -423,15 +426,23 @@ pub(super) fn vm_of_unit(unit: &str) -> Option<VmName> {
 fn spawn_api(d: &Daemon) -> Result<()> {
     let listener = api::bind(&d.config.runtime_dir.join(api::SOCKET))?;
     let tx = d.tx.clone();
-    let group = d.config.authorized_group.clone();
-    api::serve(listener, group, move |request, caller| {
-        let (reply, answer) = oneshot::channel();
-        let sent = tx.send(Event::Api {
-            request,
-            caller,
-            reply,
-        });
+    let groups = d.groups_tx.subscribe();
+    api::serve(listener, move |request, caller| {
+        let tx = tx.clone();
+        let names = groups.borrow().clone();
         async move {
+            // The group database may be remote (NSS): looked up off the runtime's threads,
+            // for each request, so a group made after the daemon started counts at once.
+            let groups = tokio::task::spawn_blocking(move || projects::resolve(&names))
+                .await
+                .unwrap_or_default();
+            let (reply, answer) = oneshot::channel();
+            let sent = tx.send(Event::Api {
+                request,
+                caller,
+                groups,
+                reply,
+            });
             if sent.is_err() {
                 return Response::Error("the daemon is stopping".into());
             }

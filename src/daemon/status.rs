@@ -7,10 +7,11 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 
 use super::eventloop::Daemon;
+use crate::access::Scope;
 use crate::exec::systemd;
 use crate::localtime::rfc3339;
 use crate::maintenance::Slot;
-use crate::model::{InvocationId, Resources, VmName};
+use crate::model::{InvocationId, ProjectName, Resources, VmName};
 use crate::plan::slot_in;
 use crate::state::{SilencePurpose, Unplanned};
 use crate::supervisor::{Link, Unit};
@@ -71,6 +72,8 @@ pub struct SilenceStatus {
 #[serde(rename_all = "camelCase")]
 pub struct VmStatus {
     name: VmName,
+    /// The project it belongs to.
+    project: ProjectName,
     running: bool,
     unit: String,
     qemu_pid: Option<u32>,
@@ -108,7 +111,10 @@ pub struct VmStatus {
 }
 
 impl Daemon {
-    pub(super) fn status(&self) -> Status {
+    /// What a caller of `scope` may see: the VMs of its projects (every VM for root and the
+    /// operator group) and the daemon's health; the hook's last error only for those who see
+    /// every project, since it may quote another project's notification.
+    pub(super) fn status(&self, scope: &Scope) -> Status {
         let tz = self.config.timezone;
         let now = Utc::now();
         let mono = Instant::now();
@@ -121,7 +127,10 @@ impl Daemon {
         let vms = self
             .ours()
             .into_iter()
+            .filter(|n| scope.covers(&self.project(n).name))
             .map(|n| {
+                let project = self.project(&n);
+                let vm_tz = project.tz();
                 let record = self.state.vms.get(&n);
                 let slot = self.vms.get(&n);
                 let (running, pid, instance) = match slot.map(|s| &s.sup.unit) {
@@ -175,7 +184,7 @@ impl Daemon {
                     pending: plan
                         .and_then(|p| p.pending.iter().find(|p| p.vm == n))
                         .map(|p| p.to),
-                    maintenance_slot: maintenance.map(|m| slot_in(tz, m.slot_start, m.slot_end)),
+                    maintenance_slot: maintenance.map(|m| slot_in(vm_tz, m.slot_start, m.slot_end)),
                     in_maintenance: self.in_maintenance(&n, now),
                     awaiting_removal: plan.is_some_and(|p| p.awaiting_removal.contains(&n)),
                     held: plan
@@ -203,7 +212,7 @@ impl Daemon {
                     deletion_date: deletion.map(|d| d.date),
                     downtime_from: deletion
                         .and_then(|d| d.downtime_from)
-                        .map(|t| rfc3339(t.with_timezone(&tz))),
+                        .map(|t| rfc3339(t.with_timezone(&vm_tz))),
                     monitoring_downtime: self.downtime(&n, now),
                     silences: self
                         .state
@@ -213,10 +222,11 @@ impl Daemon {
                         .map(|s| SilenceStatus {
                             purpose: s.purpose,
                             id: s.id.clone(),
-                            starts_at: rfc3339(s.starts_at.with_timezone(&tz)),
-                            ends_at: rfc3339(s.ends_at.with_timezone(&tz)),
+                            starts_at: rfc3339(s.starts_at.with_timezone(&vm_tz)),
+                            ends_at: rfc3339(s.ends_at.with_timezone(&vm_tz)),
                         })
                         .collect(),
+                    project: project.name.clone(),
                     name: n,
                 }
             })
@@ -230,7 +240,11 @@ impl Daemon {
                     format!("{e} (since {})", rfc3339(since.with_timezone(&tz)))
                 }),
                 undelivered_notifications: self.state.outbox.len(),
-                hook_error: self.delivery_error.as_ref().map(|(_, e)| e.clone()),
+                hook_error: self
+                    .delivery_error
+                    .as_ref()
+                    .filter(|_| *scope == Scope::All)
+                    .map(|(_, e)| e.clone()),
                 alertmanager: self
                     .config
                     .alertmanager

@@ -52,10 +52,16 @@ impl TimerPlan {
     }
 }
 
-/// The timers the state calls for at `now` (the real clock: a timer in the past never fires).
-pub fn desired(state: &State, tz: Tz, now: DateTime<Utc>) -> BTreeMap<String, Wanted> {
+/// The timers the state calls for at `now` (the real clock: a timer in the past never fires);
+/// `zone` gives each VM's zone (its project's), in which its deletion dates fall.
+pub fn desired(
+    state: &State,
+    zone: impl Fn(&VmName) -> Tz,
+    now: DateTime<Utc>,
+) -> BTreeMap<String, Wanted> {
     let mut wanted = BTreeMap::new();
     for (vm, m) in &state.maintenances {
+        let tz = zone(vm);
         if m.slot_start > now {
             wanted.insert(
                 systemd::maintenance_timer_name(vm.as_str()),
@@ -71,7 +77,7 @@ pub fn desired(state: &State, tz: Tz, now: DateTime<Utc>) -> BTreeMap<String, Wa
         }
     }
     for (vm, d) in &state.deletions {
-        let schedule = d.schedule(tz);
+        let schedule = d.schedule(zone(vm));
         for stage in Stage::ALL {
             let at = schedule.at(stage).with_timezone(&Utc);
             if !d.progress.has_done(stage) && at > now {

@@ -5,7 +5,7 @@ use chrono_tz::Tz;
 use proptest::prelude::*;
 
 use super::*;
-use crate::localtime::{parse_instant, rfc3339};
+use crate::localtime::{parse_instant, rfc3339, start_of_day};
 
 fn hm(h: u32, m: u32) -> NaiveTime {
     NaiveTime::from_hms_opt(h, m, 0).unwrap()
@@ -23,6 +23,15 @@ fn daily(tz: Tz, start: NaiveTime, end: NaiveTime) -> Policy {
         max_parallel: 1,
         expected_duration: TimeDelta::minutes(15),
         blackouts: vec![],
+    }
+}
+
+/// The slots of a project alone on its host: its own are all there are, no host-wide limit.
+fn alone(taken: &[Slot]) -> Taken<'_> {
+    Taken {
+        project: taken,
+        host: taken,
+        host_max_parallel: u32::MAX,
     }
 }
 
@@ -146,6 +155,7 @@ fn a_cron_window_over_the_spring_change_is_an_hour_shorter() {
 fn blackouts_cut_windows() {
     let mut p = berlin();
     p.blackouts = vec![Blackout {
+        tz: chrono_tz::Europe::Berlin,
         from: NaiveDate::from_ymd_opt(2026, 12, 23).unwrap(),
         to: NaiveDate::from_ymd_opt(2027, 1, 2).unwrap(),
         reason: "holiday freeze".into(),
@@ -172,23 +182,31 @@ fn blackouts_cut_windows() {
 #[test]
 fn a_slot_is_announced_a_day_ahead_in_the_next_window() {
     let p = berlin();
-    let s = p.pick_slot(t("2026-11-30T10:00:00+01:00"), &[]).unwrap();
+    let s = p
+        .pick_slot(t("2026-11-30T10:00:00+01:00"), Taken::NONE)
+        .unwrap();
     assert_eq!(
         s.to_string(),
         "2026-12-01T22:00:00+01:00 – 2026-12-01T22:15:00+01:00"
     );
     // Announced during a window: a day later the same window is open, so the slot starts
     // exactly 24 h later, on the next whole minute.
-    let s = p.pick_slot(t("2026-11-30T23:10:20+01:00"), &[]).unwrap();
+    let s = p
+        .pick_slot(t("2026-11-30T23:10:20+01:00"), Taken::NONE)
+        .unwrap();
     assert_eq!(rfc3339(s.start), "2026-12-01T23:11:00+01:00");
 }
 
 #[test]
 fn a_slot_must_fit_before_the_window_closes() {
     let p = berlin();
-    let s = p.pick_slot(t("2026-11-30T04:50:00+01:00"), &[]).unwrap();
+    let s = p
+        .pick_slot(t("2026-11-30T04:50:00+01:00"), Taken::NONE)
+        .unwrap();
     assert_eq!(rfc3339(s.start), "2026-12-01T22:00:00+01:00");
-    let s = p.pick_slot(t("2026-11-30T04:45:00+01:00"), &[]).unwrap();
+    let s = p
+        .pick_slot(t("2026-11-30T04:45:00+01:00"), Taken::NONE)
+        .unwrap();
     assert_eq!(rfc3339(s.start), "2026-12-01T04:45:00+01:00");
 }
 
@@ -198,7 +216,7 @@ fn slots_of_several_vms_are_spread_by_max_parallel() {
     let now = t("2026-11-30T10:00:00+01:00");
     let mut taken = vec![];
     for _ in 0..3 {
-        let s = p.pick_slot(now, &taken).unwrap();
+        let s = p.pick_slot(now, alone(&taken)).unwrap();
         taken.push(s);
     }
     let starts: Vec<String> = taken.iter().map(|s| rfc3339(s.start)).collect();
@@ -213,7 +231,7 @@ fn slots_of_several_vms_are_spread_by_max_parallel() {
     p.max_parallel = 2;
     let mut taken = vec![];
     for _ in 0..3 {
-        let s = p.pick_slot(now, &taken).unwrap();
+        let s = p.pick_slot(now, alone(&taken)).unwrap();
         taken.push(s);
     }
     let starts: Vec<String> = taken.iter().map(|s| rfc3339(s.start)).collect();
@@ -231,17 +249,132 @@ fn slots_of_several_vms_are_spread_by_max_parallel() {
 fn nothing_fits_gives_none() {
     let mut p = berlin();
     p.expected_duration = TimeDelta::hours(9);
-    assert_eq!(p.pick_slot(t("2026-11-30T10:00:00+01:00"), &[]), None);
+    assert_eq!(
+        p.pick_slot(t("2026-11-30T10:00:00+01:00"), Taken::NONE),
+        None
+    );
 }
 
 #[test]
 fn the_autumn_night_fits_a_duration_no_other_night_does() {
     let mut p = berlin();
     p.expected_duration = TimeDelta::hours(8);
-    let s = p.pick_slot(t("2026-10-01T10:00:00+02:00"), &[]).unwrap();
+    let s = p
+        .pick_slot(t("2026-10-01T10:00:00+02:00"), Taken::NONE)
+        .unwrap();
     assert_eq!(
         s.to_string(),
         "2026-10-24T22:00:00+02:00 – 2026-10-25T05:00:00+01:00"
+    );
+}
+
+#[test]
+fn two_projects_in_different_zones_get_slots_in_their_own_nights() {
+    let berlin = berlin();
+    let new_york = daily(chrono_tz::America::New_York, hm(22, 0), hm(5, 0));
+    let now = t("2026-11-30T10:00:00+01:00");
+    let b = berlin.pick_slot(now, Taken::NONE).unwrap();
+    let host = [b];
+    // Asked at the same instant, a day ahead: Berlin's next night, and the rest of New York's
+    // current night (10:00 in Berlin is 04:00 in New York). They do not overlap, so the
+    // host-wide limit of one does not move either.
+    let taken = Taken {
+        project: &[],
+        host: &host,
+        host_max_parallel: 1,
+    };
+    let n = new_york.pick_slot(now, taken).unwrap();
+    assert_eq!(
+        b.to_string(),
+        "2026-12-01T22:00:00+01:00 – 2026-12-01T22:15:00+01:00"
+    );
+    assert_eq!(
+        n.to_string(),
+        "2026-12-01T04:00:00-05:00 – 2026-12-01T04:15:00-05:00"
+    );
+    // New York's daylight saving ends on the first Sunday of November, Berlin's a week
+    // earlier: the New York night keeps its wall-clock times across its own change.
+    let n = new_york
+        .pick_slot(t("2026-10-31T10:00:00-04:00"), Taken::NONE)
+        .unwrap();
+    assert_eq!(
+        n.to_string(),
+        "2026-11-01T22:00:00-05:00 – 2026-11-01T22:15:00-05:00"
+    );
+}
+
+#[test]
+fn the_host_wide_limit_holds_across_projects() {
+    let mut a = berlin();
+    let mut b = berlin();
+    a.max_parallel = 2;
+    b.max_parallel = 2;
+    let now = t("2026-11-30T10:00:00+01:00");
+    let mut held: Vec<(char, Slot)> = vec![];
+    for (project, p) in [('a', &a), ('b', &b), ('a', &a), ('b', &b)] {
+        let own: Vec<Slot> = held
+            .iter()
+            .filter(|(q, _)| *q == project)
+            .map(|x| x.1)
+            .collect();
+        let host: Vec<Slot> = held.iter().map(|x| x.1).collect();
+        let taken = Taken {
+            project: &own,
+            host: &host,
+            host_max_parallel: 3,
+        };
+        held.push((project, p.pick_slot(now, taken).unwrap()));
+    }
+    let starts: Vec<String> = held
+        .iter()
+        .map(|(q, s)| format!("{q} {}", rfc3339(s.start)))
+        .collect();
+    // Three at once host-wide; the fourth waits although its project has room.
+    assert_eq!(
+        starts,
+        [
+            "a 2026-12-01T22:00:00+01:00",
+            "b 2026-12-01T22:00:00+01:00",
+            "a 2026-12-01T22:00:00+01:00",
+            "b 2026-12-01T22:15:00+01:00"
+        ]
+    );
+}
+
+#[test]
+fn a_host_wide_blackout_is_in_the_host_zone_and_a_projects_own_in_its_zone() {
+    let mut new_york = daily(chrono_tz::America::New_York, hm(18, 0), hm(23, 0));
+    new_york.announce_ahead = TimeDelta::zero();
+    // The host (Berlin) freezes on 2026-12-02: until 2026-12-02T18:00-05:00 in New York.
+    new_york.blackouts = vec![Blackout {
+        tz: chrono_tz::Europe::Berlin,
+        from: NaiveDate::from_ymd_opt(2026, 12, 2).unwrap(),
+        to: NaiveDate::from_ymd_opt(2026, 12, 2).unwrap(),
+        reason: "host freeze".into(),
+    }];
+    let windows = |p: &Policy| -> Vec<String> {
+        p.windows(t("2026-12-01T12:00:00-05:00"))
+            .take(2)
+            .map(|w| w.to_string())
+            .collect()
+    };
+    // Berlin's 2 December is 1 December 18:00 to 2 December 18:00 in New York: that
+    // night's window is gone, the next one is whole.
+    assert_eq!(
+        windows(&new_york),
+        [
+            "2026-12-02T18:00:00-05:00 – 2026-12-02T23:00:00-05:00",
+            "2026-12-03T18:00:00-05:00 – 2026-12-03T23:00:00-05:00"
+        ]
+    );
+    // The project's own freeze of that date is New York's day.
+    new_york.blackouts[0].tz = chrono_tz::America::New_York;
+    assert_eq!(
+        windows(&new_york),
+        [
+            "2026-12-01T18:00:00-05:00 – 2026-12-01T23:00:00-05:00",
+            "2026-12-03T18:00:00-05:00 – 2026-12-03T23:00:00-05:00"
+        ]
     );
 }
 
@@ -341,11 +474,11 @@ proptest! {
         // Other VMs' slots, placed the way the planner places them.
         let mut taken: Vec<Slot> = vec![];
         for off in taken_offsets {
-            if let Some(s) = p.pick_slot(now + TimeDelta::minutes(off), &taken) {
+            if let Some(s) = p.pick_slot(now + TimeDelta::minutes(off), alone(&taken)) {
                 taken.push(s);
             }
         }
-        let Some(slot) = p.pick_slot(now, &taken) else {
+        let Some(slot) = p.pick_slot(now, alone(&taken)) else {
             // Nothing within the horizon: every window long enough is held by other slots
             // at every minute.
             let horizon = now + TimeDelta::days(HORIZON_DAYS);
@@ -373,6 +506,85 @@ proptest! {
                 Some(_) => c += TimeDelta::minutes(1),
                 None => break,
             }
+        }
+    }
+}
+
+/// A freeze of `len` more days from `days` after the local date of `now` in `tz`.
+fn blackout(tz: Tz, now: DateTime<Utc>, days: u64, len: u64) -> Blackout {
+    let from = now.with_timezone(&tz).date_naive() + chrono::Days::new(days);
+    Blackout {
+        tz,
+        from,
+        to: from + chrono::Days::new(len),
+        reason: "freeze".into(),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Two projects of one host, in different zones, each with its own windows, blackouts and
+    /// maxParallel, under a host-wide limit and a host-wide blackout: VMs of both ask for
+    /// slots in turn, at different times.
+    #[test]
+    fn two_projects_keep_their_windows_blackouts_and_limits(
+        a in arb_policy(),
+        b in arb_policy(),
+        now in arb_now(),
+        host_max in 1u32..4,
+        host_freeze in proptest::option::of((0u64..6, 0u64..3)),
+        own_freezes in proptest::collection::vec((0usize..2, 0u64..6, 0u64..3), 0..3),
+        requests in proptest::collection::vec((0usize..2, 0i64..3 * 24 * 60), 1..10),
+    ) {
+        prop_assume!(a.tz != b.tz);
+        let host_tz = chrono_tz::Europe::Berlin;
+        let mut projects = [a, b];
+        for p in &mut projects {
+            if let Some((days, len)) = host_freeze {
+                p.blackouts.push(blackout(host_tz, now, days, len));
+            }
+        }
+        for (i, days, len) in own_freezes {
+            let tz = projects[i].tz;
+            projects[i].blackouts.push(blackout(tz, now, days, len));
+        }
+        let mut held: Vec<(usize, Slot)> = vec![];
+        for (i, off) in requests {
+            let p = &projects[i];
+            let at = now + TimeDelta::minutes(off);
+            let own: Vec<Slot> = held.iter().filter(|(j, _)| *j == i).map(|x| x.1).collect();
+            let host: Vec<Slot> = held.iter().map(|x| x.1).collect();
+            let taken = Taken { project: &own, host: &host, host_max_parallel: host_max };
+            let Some(slot) = p.pick_slot(at, taken) else { continue };
+            prop_assert!(slot.start >= at + p.announce_ahead);
+            // In one of its own project's windows, in its own zone.
+            prop_assert_eq!(slot.start.timezone(), p.tz);
+            let windows: Vec<Window> = p.windows(at).take_while(|w| w.start <= slot.end).collect();
+            prop_assert!(
+                windows.iter().any(|w| w.contains_interval(slot.start, slot.end)),
+                "slot {} outside the windows of {}", slot, p.tz
+            );
+            // Never across one of its project's freezes, the host's included, each counted
+            // in its own zone.
+            for f in &p.blackouts {
+                let from = start_of_day(f.tz, f.from);
+                let to = start_of_day(f.tz, f.to + chrono::Days::new(1));
+                prop_assert!(
+                    slot.end <= from || slot.start >= to,
+                    "slot {} crosses the freeze {}..={} ({})", slot, f.from, f.to, f.tz
+                );
+            }
+            held.push((i, slot));
+        }
+        // Overlaps are greatest at some slot's start: check each.
+        for (i, s) in &held {
+            let at = s.start;
+            let open = |t: &Slot| t.start <= at && at < t.end;
+            let same = held.iter().filter(|(j, t)| j == i && open(t)).count();
+            let all = held.iter().filter(|(_, t)| open(t)).count();
+            prop_assert!(same <= projects[*i].max_parallel as usize, "{same} of project {i} at {}", rfc3339(at));
+            prop_assert!(all <= host_max as usize, "{all} on the host at {}", rfc3339(at));
         }
     }
 }

@@ -97,6 +97,7 @@ fn a_cpu_change_waits_for_an_announced_slot() {
         p.actions,
         [Action::ScheduleMaintenance {
             vm: n("web01"),
+            project: ProjectName::default(),
             slot: pending.slot,
             reasons: vec![Reason::PendingResources {
                 from: res(2, 2048, 30),
@@ -124,6 +125,7 @@ fn with_maintenance(
             announced_at: t("2026-11-29T09:00:00+01:00"),
             notice: None,
             delivered_at: None,
+            project: ProjectName::default(),
         },
     );
 }
@@ -575,3 +577,5 @@ fn an_outdated_qemu_gets_a_maintenance_and_merges_with_a_cpu_change() {
         "one maintenance for both needs: {reasons:?}"
     );
 }
+
+mod projects;

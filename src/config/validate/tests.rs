@@ -5,6 +5,7 @@ use proptest::prelude::*;
 use serde_json::json;
 
 use super::*;
+use crate::maintenance::{WeekdaySet, WindowRule};
 
 fn problems(doc: serde_json::Value) -> Vec<String> {
     match parse(&doc.to_string()) {
@@ -28,13 +29,18 @@ fn vm(extra: serde_json::Value) -> serde_json::Value {
 fn an_empty_document_gets_every_default() {
     let c = parse("{}").unwrap().config;
     assert_eq!(c.timezone, chrono_tz::Europe::Berlin);
-    assert_eq!(c.authorized_group, "sudo-srv");
-    assert_eq!(c.maintenance.announce_ahead, TimeDelta::hours(24));
-    assert_eq!(c.maintenance.max_parallel, 1);
+    assert_eq!(c.default_project().authorized_group.as_str(), "sudo-srv");
+    assert_eq!(c.max_parallel, 1);
+    assert_eq!(c.operator_group, None);
+    assert_eq!(
+        c.default_project().maintenance.announce_ahead,
+        TimeDelta::hours(24)
+    );
+    assert_eq!(c.default_project().maintenance.max_parallel, 1);
     assert_eq!(c.ceph.pool, "rbd");
     assert_eq!(c.qemu.accel, Accel::Kvm);
     assert!(matches!(
-        c.maintenance.rule,
+        c.default_project().maintenance.rule,
         WindowRule::Daily {
             weekdays: WeekdaySet::ALL,
             ..
@@ -206,7 +212,10 @@ fn a_cron_schedule_replaces_the_daily_window() {
             .to_string(),
     )
     .unwrap();
-    assert!(matches!(c.config.maintenance.rule, WindowRule::Cron { .. }));
+    assert!(matches!(
+        c.config.default_project().maintenance.rule,
+        WindowRule::Cron { .. }
+    ));
     let got = problems(
         json!({ "maintenance": { "window": "22:00-05:00", "schedule": { "cron": "nope", "length": "6h" } } }),
     );
@@ -407,7 +416,7 @@ fn metrics_and_alertmanager_are_off_by_default_and_checked_when_given() {
 #[test]
 fn nulls_mean_absent() {
     let c = parse(&json!({ "notifyCommand": null, "vms": { "a": vm(json!({ "deleteAt": null, "image": null })) } }).to_string()).unwrap();
-    assert!(c.config.notify_command.is_none());
+    assert!(c.config.default_project().notify_command.is_none());
 }
 
 fn arb_json() -> impl Strategy<Value = serde_json::Value> {
@@ -483,4 +492,272 @@ proptest! {
     fn never_panics_on_arbitrary_text(text in "\\PC{0,200}") {
         let _ = parse(&text);
     }
+}
+
+fn warnings(doc: serde_json::Value) -> Vec<String> {
+    parse(&doc.to_string())
+        .unwrap()
+        .warnings
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+#[test]
+fn without_projects_every_vm_is_in_the_default_project_of_the_host_wide_keys() {
+    let c = parse(
+        &json!({
+            "timezone": "Europe/Berlin",
+            "contacts": ["ops@example.com"],
+            "notifyCommand": "/usr/local/bin/hook",
+            "vms": { "web01": vm(json!({})) }
+        })
+        .to_string(),
+    )
+    .unwrap()
+    .config;
+    assert_eq!(
+        c.projects.keys().map(|p| p.as_str()).collect::<Vec<_>>(),
+        ["default"]
+    );
+    let web = "web01".parse().unwrap();
+    let p = c.project_of(&web, None);
+    assert!(p.name.is_default());
+    assert_eq!(p.tz(), chrono_tz::Europe::Berlin);
+    assert_eq!(p.contacts, ["ops@example.com"]);
+    assert_eq!(p.authorized_group.as_str(), "sudo-srv");
+    assert_eq!(
+        p.notify_command.as_deref(),
+        Some(std::path::Path::new("/usr/local/bin/hook"))
+    );
+    // A VM that is gone stays in the project it was recorded in, while that exists.
+    let gone = "gone".parse().unwrap();
+    assert!(
+        c.project_of(&gone, Some(&"shop".parse().unwrap()))
+            .name
+            .is_default()
+    );
+}
+
+#[test]
+fn a_project_takes_every_key_it_does_not_set_from_the_host() {
+    let c = parse(
+        &json!({
+            "contacts": ["ops@example.com"],
+            "maintenance": {
+                "window": "23:00-04:00", "weekdays": ["sat", "sun"], "maxParallel": 3,
+                "blackouts": [{ "from": "2026-12-23", "to": "2027-01-02", "reason": "host freeze" }]
+            },
+            "projects": {
+                "shop": {
+                    "timezone": "America/New_York",
+                    "contacts": ["it@shop.example"],
+                    "authorizedGroup": "shop-admins",
+                    "maintenance": {
+                        "window": "01:00-05:00", "maxParallel": 2,
+                        "blackouts": [{ "from": "2026-11-26", "to": "2026-11-27", "reason": "thanksgiving" }]
+                    }
+                },
+                "blog": {}
+            },
+            "vms": { "web01": vm(json!({ "project": "shop" })), "web02": vm(json!({})) }
+        })
+        .to_string(),
+    )
+    .unwrap()
+    .config;
+    assert_eq!(c.max_parallel, 3);
+    let shop = c.project_of(&"web01".parse().unwrap(), None);
+    assert_eq!(shop.name.as_str(), "shop");
+    assert_eq!(shop.tz(), chrono_tz::America::New_York);
+    assert_eq!(shop.contacts, ["it@shop.example"]);
+    assert_eq!(shop.authorized_group.as_str(), "shop-admins");
+    assert_eq!(shop.maintenance.max_parallel, 2);
+    assert_eq!(shop.maintenance.announce_ahead, TimeDelta::hours(24));
+    // Its own window, the host's weekdays.
+    let WindowRule::Daily {
+        start, weekdays, ..
+    } = &shop.maintenance.rule
+    else {
+        panic!("daily")
+    };
+    assert_eq!(start.to_string(), "01:00:00");
+    assert!(weekdays.contains(Weekday::Sat) && !weekdays.contains(Weekday::Mon));
+    // The host's blackout in the host's zone, then its own in its zone.
+    let b = &shop.maintenance.blackouts;
+    assert_eq!(
+        b.iter()
+            .map(|b| (b.reason.as_str(), b.tz))
+            .collect::<Vec<_>>(),
+        [
+            ("host freeze", chrono_tz::Europe::Berlin),
+            ("thanksgiving", chrono_tz::America::New_York)
+        ]
+    );
+    // A project that sets nothing is the host-wide policy under another name.
+    let blog = c.project_named(&"blog".parse().unwrap());
+    assert_eq!(blog.contacts, ["ops@example.com"]);
+    assert_eq!(blog.tz(), chrono_tz::Europe::Berlin);
+    assert_eq!(blog.maintenance.max_parallel, 3);
+    assert_eq!(blog.maintenance.blackouts.len(), 1);
+    assert!(
+        c.project_of(&"web02".parse().unwrap(), None)
+            .name
+            .is_default()
+    );
+}
+
+#[test]
+fn a_schedule_of_either_side_replaces_the_other_sides_window() {
+    let c = parse(
+        &json!({
+            "maintenance": { "window": "22:00-05:00", "weekdays": ["tue"] },
+            "projects": {
+                "cron": { "maintenance": { "schedule": { "cron": "0 0 22 1-7 * Sun", "length": "6h" } } },
+            }
+        })
+        .to_string(),
+    )
+    .unwrap()
+    .config;
+    let p = c.project_named(&"cron".parse().unwrap());
+    assert!(matches!(p.maintenance.rule, WindowRule::Cron { .. }));
+    let c = parse(
+        &json!({
+            "maintenance": { "schedule": { "cron": "0 0 22 1-7 * Sun", "length": "6h" } },
+            "projects": { "daily": { "maintenance": { "weekdays": ["mon"] } } }
+        })
+        .to_string(),
+    )
+    .unwrap()
+    .config;
+    let p = c.project_named(&"daily".parse().unwrap());
+    let WindowRule::Daily {
+        start,
+        end,
+        weekdays,
+    } = &p.maintenance.rule
+    else {
+        panic!("daily")
+    };
+    // The host has no window to give: the default one, on the project's days.
+    assert_eq!(
+        (start.to_string(), end.to_string()),
+        ("22:00:00".into(), "05:00:00".into())
+    );
+    assert!(weekdays.contains(Weekday::Mon) && !weekdays.contains(Weekday::Tue));
+}
+
+#[test]
+fn project_problems_name_their_field_path() {
+    let got = problems(json!({
+        "projects": {
+            "shop": {
+                "timezone": "America/New_Yrok",
+                "contcts": [],
+                "contacts": ["nope"],
+                "authorizedGroup": "Shop Admins",
+                "notifyCommand": "hook.sh",
+                "maintenance": {
+                    "window": "25:00-05:00", "maxParallel": 0, "announceAhead": "soon",
+                    "blackouts": [{ "from": "2026-12-24", "to": "2026-12-20" }]
+                }
+            },
+            "Bad_Name": {},
+            "default": {},
+        },
+        "vms": {
+            "web01": vm(json!({ "project": "shpo" })),
+            "web02": vm(json!({ "project": "Bad_Name" })),
+            "web03": vm(json!({ "project": "zzzzzzzz" })),
+        }
+    }));
+    assert_eq!(
+        got,
+        [
+            "projects.Bad_Name: name must start with a letter a-z",
+            "projects.default: the default project is made of the host-wide keys (timezone, maintenance, contacts, notifyCommand, authorizedGroup); give this project another name",
+            "projects.shop.contcts: unknown key (did you mean `contacts`?)",
+            "projects.shop.timezone: \"America/New_Yrok\" is not a known IANA time zone",
+            "projects.shop.maintenance.window: \"25:00\" is not a valid time; write \"HH:MM-HH:MM\"",
+            "projects.shop.maintenance.announceAhead: \"soon\" is not a duration such as 24h, 90m or 1h 30m",
+            "projects.shop.maintenance.maxParallel: 0 is outside 1..=1000",
+            "projects.shop.maintenance.blackouts[0].to: 2026-12-20 is before from (2026-12-24)",
+            "projects.shop.contacts[0]: \"nope\" is not an e-mail address",
+            "projects.shop.notifyCommand: \"hook.sh\" must be an absolute path",
+            "projects.shop.authorizedGroup: \"Shop Admins\" is not a group name (a-z, 0-9, '_', '-', at most 32, starting with a letter or '_')",
+            "vms.web01.project: no project \"shpo\"; did you mean \"shop\"?",
+            "vms.web03.project: no project \"zzzzzzzz\"; the projects are Bad_Name, default, shop",
+        ]
+    );
+}
+
+#[test]
+fn an_inherited_problem_is_reported_once_where_it_is_written() {
+    let got = problems(json!({
+        "maintenance": { "window": "22:00-22:00" },
+        "projects": { "shop": {}, "blog": { "maintenance": { "weekdays": ["sat"] } } }
+    }));
+    assert_eq!(
+        got,
+        ["maintenance.window: \"22:00-22:00\" has no length: start and end are equal"]
+    );
+    // A window too short for the host's expected duration is the project's window's fault.
+    let got = problems(json!({
+        "maintenance": { "expectedDuration": "3h" },
+        "projects": { "shop": { "maintenance": { "window": "01:00-03:00" } } }
+    }));
+    assert_eq!(
+        got,
+        [
+            "projects.shop.maintenance.window: a window of 2h is shorter than expectedDuration 3h (from maintenance.expectedDuration)"
+        ]
+    );
+    let got = problems(json!({
+        "projects": { "shop": { "maintenance": { "expectedDuration": "8h" } } }
+    }));
+    assert_eq!(
+        got,
+        ["projects.shop.maintenance.expectedDuration: 8h does not fit into a window of 7h"]
+    );
+    let got = problems(json!({ "projects": { "shop": [] }, "operatorGroup": "Ops" }));
+    assert_eq!(
+        got,
+        [
+            "operatorGroup: \"Ops\" is not a group name (a-z, 0-9, '_', '-', at most 32, starting with a letter or '_')",
+            "projects.shop: invalid type: sequence, expected struct RawProject",
+        ]
+    );
+}
+
+#[test]
+fn groups_that_let_one_customer_act_on_anothers_vms_are_warned_about() {
+    let got = warnings(json!({
+        "operatorGroup": "shop-admins",
+        "projects": {
+            "shop": { "authorizedGroup": "shop-admins", "maintenance": { "maxParallel": 2 } },
+            "blog": {},
+            "idle": {},
+        },
+        "vms": {
+            "a": vm(json!({ "project": "shop" })),
+            "b": vm(json!({ "project": "blog" })),
+            "c": vm(json!({})),
+        }
+    }));
+    assert_eq!(
+        got,
+        [
+            "projects.shop.maintenance.maxParallel: 2 is more than the host-wide maintenance.maxParallel (1), which limits the VMs of all projects together",
+            "projects.blog.authorizedGroup: \"sudo-srv\" (the host-wide authorizedGroup) is also the authorized group of project default: its members may act on the VMs of both",
+            "operatorGroup: \"shop-admins\" is also the authorized group of project shop: its members may act on the VMs of every project",
+        ]
+    );
+    // Each project with its own group, an operator group of its own: nothing to say.
+    let got = warnings(json!({
+        "operatorGroup": "ops",
+        "projects": { "shop": { "authorizedGroup": "shop-admins" } },
+        "vms": { "a": vm(json!({ "project": "shop" })), "c": vm(json!({})) }
+    }));
+    assert!(got.is_empty(), "{got:?}");
 }
