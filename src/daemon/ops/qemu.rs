@@ -10,12 +10,15 @@ use tracing::warn;
 use super::{Ctx, LinkRx, Report, Reporter, connection};
 use crate::events::Event;
 use crate::exec::peer;
+use crate::exec::qmp::Qmp;
 use crate::exec::systemd::{ActiveState, JobResult, MainExit, TransientService};
 use crate::exec::tap;
 use crate::failpoint;
 use crate::model::InvocationId;
 
 /// How long QEMU gets to exit after `quit` before systemd stops the unit.
+/// How often a stop presses the power button again while the guest has not powered off.
+const REPRESS: Duration = Duration::from_secs(10);
 const QUIT_GRACE: Duration = Duration::from_secs(10);
 /// How long a stop waits for a QMP connection that is being re-established before it goes on
 /// without one (and so without the ACPI power button).
@@ -141,7 +144,7 @@ pub async fn stop(ctx: &Ctx, r: &Reporter, s: &QemuStop, points: Option<&str>) -
             if let Some(p) = points {
                 failpoint::hit(&format!("{p}:after-powerdown"), r.vm()).await;
             }
-            stopped = wait_inactive(ctx, &s.unit, s.grace).await;
+            stopped = press_until_off(ctx, q, &s.unit, s.grace).await;
         }
         if !stopped {
             how = "QMP quit";
@@ -265,6 +268,23 @@ fn runs(state: &ActiveState) -> bool {
 }
 
 /// Polls until the unit no longer runs, up to `timeout`.
+/// Waits up to `grace` for the guest to power off, pressing the power button again every
+/// `REPRESS`: a guest that is still booting (no button driver or handler yet) drops a press,
+/// and a later one is what a person at the console would do. Presses are idempotent for a
+/// guest that is already shutting down.
+async fn press_until_off(ctx: &Ctx, q: &Qmp, unit: &str, grace: Duration) -> bool {
+    let deadline = Instant::now() + grace;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if wait_inactive(ctx, unit, left.min(REPRESS)).await {
+            return true;
+        }
+        if Instant::now() >= deadline || q.system_powerdown().await.is_err() {
+            return false;
+        }
+    }
+}
+
 async fn wait_inactive(ctx: &Ctx, unit: &str, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
