@@ -154,13 +154,11 @@ async fn passes(sd: &Systemd, nsenter: &[String], scratch: &Path, counts: &[usiz
                     (vm.clone(), belief)
                 })
                 .collect(),
-            synced_flag: None,
         };
         let req = resync::Request {
             id: 1,
             full: false,
             vms: resync::observe(sd, &first).await?.beliefs(),
-            synced_flag: None,
         };
 
         let mut pass = Vec::new();

@@ -34,6 +34,7 @@ let
         diskGiB
         allowHugeDisk
         online
+        generation
         deleteAt
         ipAddresses
         ;
@@ -105,6 +106,8 @@ let
         null
       else
         { alertmanager = { inherit (cfg.monitoring.alertmanager) url; }; };
+    removal = { inherit (cfg.removal) maxAtOnce confirmed; };
+    clock = { inherit (cfg.clock) requireSync syncedFlag; };
     vms = lib.mapAttrs (_: vmSettings) cfg.vms;
   };
 
@@ -238,9 +241,10 @@ in
     environment.etc."vmkeeper/config.json".source = cfg.configFile;
     environment.systemPackages = [ cfg.package ];
 
-    # Every group that may act on VMs: the host-wide one, each project's, the operators'.
+    # Every group that may act on VMs (the host-wide one, each project's, the operators'),
+    # and QEMU's own.
     users.groups = lib.genAttrs
-      (lib.unique ([ cfg.authorizedGroup ]
+      (lib.unique ([ cfg.authorizedGroup cfg.qemu.user ]
         ++ map projectGroup (lib.attrValues cfg.projects)
         ++ lib.optional (cfg.operatorGroup != null) cfg.operatorGroup))
       (_: { });
@@ -253,7 +257,6 @@ in
       extraGroups = [ "kvm" ];
       description = "vmkeeper: QEMU of the VMs";
     };
-    users.groups.${cfg.qemu.user} = { };
 
     # NixOS' journalctl reads catalogs from systemd's own store path and from
     # /usr/local/lib/systemd/catalog only; the link and --update-catalog (ExecStartPre below)
@@ -274,9 +277,12 @@ in
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
       # ceph.target orders a local cluster's daemons first; a remote one needs only the network.
+      # time-sync.target: deletion dates are judged by the clock (and destructive stages
+      # wait for it to be synchronized anyway).
       after = [
         "network-online.target"
         "ceph.target"
+        "time-sync.target"
       ];
 
       # A changed configuration is re-read (SIGHUP): nixos-rebuild switch reloads instead of

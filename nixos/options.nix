@@ -299,6 +299,15 @@ let
           default = true;
           description = "Whether the VM runs. `false` stops it as a planned stop and keeps it stopped.";
         };
+        generation = mkOption {
+          type = types.ints.positive;
+          default = 1;
+          description = ''
+            Which VM of this name it is. A name used again after its VM was deleted (and the
+            name released) needs a higher generation: an old declaration never recreates a
+            deleted VM.
+          '';
+        };
         deleteAt = mkOption {
           type = types.nullOr date;
           default = null;
@@ -561,6 +570,40 @@ in
           docs/development/security.md). The module creates it, in the `kvm` group.
         '';
       };
+    };
+
+    removal.maxAtOnce = mkOption {
+      type = types.ints.unsigned;
+      default = 3;
+      description = ''
+        VMs scheduled for deletion at once for being removed from the configuration. When one
+        change removes more, none of them is deleted until each is confirmed
+        (`vmkeeper confirm-removal NAME`, or `removal.confirmed`): one accidental deploy must
+        not shut down a host.
+      '';
+    };
+
+    removal.confirmed = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "Removed VMs whose deletion is confirmed although more were removed at once.";
+    };
+
+    clock.requireSync = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Destructive deletion stages (purge, delete-backups, release-name) wait while the clock
+        is not known to be synchronized (`clock.syncedFlag`, systemd-timesyncd's
+        `/run/systemd/timesync/synchronized` by default). Turn off only on hosts without a
+        time synchronization daemon that keeps such a flag.
+      '';
+    };
+
+    clock.syncedFlag = mkOption {
+      type = types.str;
+      default = "/run/systemd/timesync/synchronized";
+      description = "The file whose existence says the clock is synchronized.";
     };
 
     metrics.listen = mkOption {

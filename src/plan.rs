@@ -133,6 +133,12 @@ pub enum Action {
         /// Why.
         reason: String,
     },
+    /// Hold the deletion of these VMs, removed from the configuration at once, until each is
+    /// confirmed.
+    HoldRemovals {
+        /// The VMs.
+        vms: Vec<VmName>,
+    },
     /// Record the addresses a VM now holds.
     UpdateAddresses {
         /// The VM.
@@ -781,11 +787,22 @@ impl<'a> Planner<'a> {
             .filter(|n| !self.config.vms.contains_key(*n) && !self.state.deletions.contains_key(*n))
             .cloned()
             .collect();
-        let guarded = removed.len() > self.config.removal.max_at_once;
+        // Removals not held yet came with this change; too many of them are held, and stay
+        // held (also when some are confirmed and fewer are left) until each is confirmed.
+        let new: Vec<VmName> = removed
+            .iter()
+            .filter(|n| !self.state.removal_held.contains(*n))
+            .cloned()
+            .collect();
+        let guarded = new.len() > self.config.removal.max_at_once;
+        if guarded {
+            self.act(Action::HoldRemovals { vms: new.clone() });
+        }
         for name in removed {
             let confirmed = self.state.confirmed_removals.contains(&name)
                 || self.config.removal.confirmed.contains(&name);
-            if guarded && !confirmed {
+            let held = self.state.removal_held.contains(&name) || (guarded && new.contains(&name));
+            if held && !confirmed {
                 self.plan.warnings.push(format!(
                     "{name} was removed from the configuration, awaiting confirmation: more than \
                      {} VMs were removed at once, so none is deleted until confirmed \

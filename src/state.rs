@@ -56,6 +56,10 @@ pub struct State {
     /// were removed at once than the guard allows).
     #[serde(default)]
     pub confirmed_removals: std::collections::BTreeSet<VmName>,
+    /// VMs removed from the configuration in one change with more than the guard allows:
+    /// held until confirmed one by one (or declared again).
+    #[serde(default)]
+    pub removal_held: std::collections::BTreeSet<VmName>,
     /// Alertmanager silences created for monitoring downtimes, with their ids, so that a
     /// restart neither creates one twice nor forgets one it must remove.
     #[serde(default)]
@@ -79,6 +83,7 @@ impl Default for State {
             next_notice: 1,
             released: BTreeMap::new(),
             confirmed_removals: Default::default(),
+            removal_held: Default::default(),
             silences: Vec::new(),
             projects: BTreeMap::new(),
         }

@@ -76,6 +76,14 @@ let
       extraArgs = [ ];
       user = "vmkeeper-qemu";
     };
+    removal = {
+      maxAtOnce = 3;
+      confirmed = [ ];
+    };
+    clock = {
+      requireSync = true;
+      syncedFlag = "/run/systemd/timesync/synchronized";
+    };
     vms = {
       web01 = {
         cores = 2;
@@ -84,6 +92,7 @@ let
         diskGiB = 50;
         allowHugeDisk = false;
         online = true;
+        generation = 1;
         ipAddresses = [ "192.0.2.10" ];
       };
       db01 = {
@@ -94,6 +103,7 @@ let
         diskGiB = 100;
         allowHugeDisk = false;
         online = true;
+        generation = 1;
         ipAddresses = [ "192.0.2.11" ];
       };
     };
@@ -128,8 +138,8 @@ let
       check = config: config.environment.etc."vmkeeper/config.json".source == config.services.vmkeeper.configFile;
     }
     {
-      name = "authorized groups are created, the host's and each project's";
-      check = config: lib.attrNames config.users.groups == [ "shop-admins" "sudo-srv" ];
+      name = "authorized groups are created, the host's and each project's, and QEMU's";
+      check = config: lib.attrNames config.users.groups == [ "shop-admins" "sudo-srv" "vmkeeper-qemu" ];
     }
     {
       name = "an operator group becomes its JSON key and is created";

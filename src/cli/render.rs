@@ -235,6 +235,14 @@ fn action(a: &Action) -> String {
         Action::CancelMaintenance { vm, reason } => {
             format!("{vm}: cancel maintenance ({reason}), announce")
         }
+        Action::HoldRemovals { vms } => format!(
+            "hold the deletion of [{}]: more VMs were removed at once than removal.maxAtOnce \
+             allows; each waits for confirm-removal",
+            vms.iter()
+                .map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         Action::UpdateAddresses { vm, addresses } => format!(
             "{vm}: holds addresses [{}] now",
             addresses

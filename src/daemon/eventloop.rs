@@ -200,7 +200,7 @@ pub(super) struct Daemon {
     pub silence_creator: String,
     /// This host's name, for owner records.
     pub hostname: String,
-    /// Whether the clock was known to be synchronized at the last look.
+    /// Whether the clock was known to be synchronized at the last pass.
     pub clock_synced: bool,
     /// The wall clock and the monotonic clock at the last pass, to notice a jump.
     clocks: (DateTime<Utc>, Instant),
@@ -486,8 +486,16 @@ impl Daemon {
                 self.changed();
             }
             Event::DeliveryFailed { id, error } => {
+                let vm = self
+                    .state
+                    .outbox
+                    .iter()
+                    .find(|n| n.id == id)
+                    .and_then(|n| n.event["vm"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
                 warn!(
                     message_id = Journal::OperationFailed.message_id(),
+                    vm = vm.as_str(),
                     action = "notify",
                     "notification hook failed: {error}; retrying"
                 );
@@ -616,23 +624,10 @@ impl Daemon {
             .collect();
         let id = self.next_resync;
         self.next_resync += 1;
-        let synced_flag = self
-            .config
-            .clock
-            .require_sync
-            .then(|| self.config.clock.synced_flag.clone());
-        let _ = self.resync_tx.send(resync::Request {
-            id,
-            full,
-            vms,
-            synced_flag,
-        });
+        let _ = self.resync_tx.send(resync::Request { id, full, vms });
     }
 
     fn resynced(&mut self, report: resync::Report, now: Instant) {
-        if let Some(synced) = report.clock_synced {
-            self.clock_synced = synced;
-        }
         for row in report.rows {
             let Some(slot) = self.vms.get_mut(&row.vm) else {
                 continue;
@@ -884,12 +879,30 @@ impl Daemon {
     fn pass_at(&mut self, now: DateTime<Utc>) -> Vec<u64> {
         self.sync_projects();
         let observed = self.observed();
+        // Held removals that were declared again, or are being deleted now, are no longer held.
+        let (config, state) = (&self.config, &self.state);
+        let stale: Vec<VmName> = state
+            .removal_held
+            .iter()
+            .filter(|n| {
+                config.vms.contains_key(*n)
+                    || state.deletions.contains_key(*n)
+                    || !state.vms.contains_key(*n)
+            })
+            .cloned()
+            .collect();
+        for n in stale {
+            self.state.removal_held.remove(&n);
+            self.state.confirmed_removals.remove(&n);
+            self.changed();
+        }
         let plan = plan::plan(&self.config, &observed, &self.state, now);
         self.report(&plan);
         let mut ops = vec![];
         for action in plan.actions.clone() {
-            let vm = action_vm(&action).clone();
-            if self.slot(&vm).busy() {
+            if let Some(vm) = action_vm(&action).cloned()
+                && self.slot(&vm).busy()
+            {
                 // One operation at a time: the next pass looks again.
                 continue;
             }
@@ -903,6 +916,10 @@ impl Daemon {
 
     /// The world as the supervisors see it, for the planner.
     fn observed(&mut self) -> Observed {
+        if self.config.clock.require_sync {
+            // One stat of a file on /run (tmpfs), so the answer is as fresh as the pass.
+            self.clock_synced = crate::exec::clock::synchronized(&self.config.clock.synced_flag);
+        }
         let clock_untrusted = match self.clock_jump {
             Some(j) => Some(format!(
                 "the wall clock just jumped forward by {} s",
@@ -967,6 +984,21 @@ impl Daemon {
 
     /// Journals refusals and pending changes once each, not on every pass.
     fn report(&mut self, plan: &Plan) {
+        for vm in &plan.awaiting_removal {
+            let key = format!("awaiting-removal {vm}");
+            if self.announced_holds.insert(key) {
+                warn!(
+                    message_id = Journal::Deletion.message_id(),
+                    vm = vm.as_str(),
+                    action = "removal-held",
+                    planned = true,
+                    "{vm} was removed from the configuration, awaiting confirmation: more than {} \
+                     VMs were removed at once, so none is deleted until confirmed (vmkeeper \
+                     confirm-removal {vm}, or removal.confirmed); declare it again to keep it",
+                    self.config.removal.max_at_once
+                );
+            }
+        }
         for h in &plan.held {
             let key = format!("{} {} {}", h.vm, h.stage, h.reason);
             if self.announced_holds.insert(key) {
@@ -983,7 +1015,7 @@ impl Daemon {
                 );
             }
         }
-        if plan.held.is_empty() {
+        if plan.held.is_empty() && plan.awaiting_removal.is_empty() {
             self.announced_holds.clear();
         }
         for r in &plan.refusals {
@@ -1078,6 +1110,11 @@ impl Daemon {
             }
             Action::ScheduleDeletion { vm, date, source } => {
                 self.schedule_deletion(&vm, date, &source, now);
+                None
+            }
+            Action::HoldRemovals { vms } => {
+                self.state.removal_held.extend(vms);
+                self.changed();
                 None
             }
             Action::UpdateAddresses { vm, addresses } => {
@@ -1813,8 +1850,8 @@ pub(super) fn hook_event(
 }
 
 /// The VM an action is about.
-fn action_vm(a: &Action) -> &VmName {
-    match a {
+fn action_vm(a: &Action) -> Option<&VmName> {
+    Some(match a {
         Action::CreateDisk { vm, .. }
         | Action::Start { vm, .. }
         | Action::GrowDisk { vm, .. }
@@ -1826,7 +1863,8 @@ fn action_vm(a: &Action) -> &VmName {
         | Action::UpdateAddresses { vm, .. }
         | Action::CancelDeletion { vm, .. }
         | Action::RunDeletionStage { vm, .. } => vm,
-    }
+        Action::HoldRemovals { .. } => return None,
+    })
 }
 
 /// The command line a VM's QEMU is started with (program resolved in PATH).

@@ -34,8 +34,6 @@ pub struct Request {
     pub full: bool,
     /// The VMs this daemon is responsible for.
     pub vms: BTreeMap<VmName, Belief>,
-    /// Where the clock's synchronization flag is, when destructive stages need it.
-    pub synced_flag: Option<std::path::PathBuf>,
 }
 
 /// What was seen of one VM.
@@ -64,8 +62,6 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// How long it took.
     pub took: Duration,
-    /// Whether the clock is known to be synchronized (when asked).
-    pub clock_synced: Option<bool>,
 }
 
 /// Looks at every requested VM's unit.
@@ -130,10 +126,6 @@ pub async fn observe(systemd: &Systemd, req: &Request) -> Result<Report, Systemd
         full: req.full,
         rows,
         took: started.elapsed(),
-        clock_synced: req
-            .synced_flag
-            .as_deref()
-            .map(crate::exec::clock::synchronized),
     })
 }
 

@@ -190,14 +190,8 @@ impl Daemon {
                     (vm, belief)
                 })
                 .collect(),
-            synced_flag: self
-                .config
-                .clock
-                .require_sync
-                .then(|| self.config.clock.synced_flag.clone()),
         };
         let report = resync::observe(systemd, &req).await?;
-        self.clock_synced = report.clock_synced.unwrap_or(true);
         let now = std::time::Instant::now();
         for row in report.rows {
             let vm = row.vm.clone();

@@ -64,7 +64,7 @@ impl Host {
             "contacts": ["ops@example.com"],
             "ceph": { "conf": h.ceph_conf, "pool": h.ceph_pool, "clientId": h.ceph_client,
                       "qemuClientId": h.ceph_qemu_client, "qemuKeyFile": h.ceph_qemu_key },
-            "qemu": { "accel": h.accel, "stopTimeout": "20s", "user": h.qemu_user },
+            "qemu": { "accel": h.accel, "stopTimeout": "60s", "user": h.qemu_user },
             // The harness's clock stands for a synchronized one (see `Host::clock_synced`).
             "clock": { "syncedFlag": dir.join("clock-synchronized") },
             "vms": declared,
@@ -265,7 +265,8 @@ impl Host {
             .unwrap();
         assert!(
             out.status.success(),
-            "status: {}",
+            "status: {}{}",
+            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap()
