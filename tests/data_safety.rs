@@ -41,27 +41,6 @@ fn hooks(host: &Host, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
     host.hook_events().into_iter().filter(pred).collect()
 }
 
-/// `rbd trash ls --long --format json` entries named `name`.
-fn trash_long(host: &Host, name: &str) -> Vec<Value> {
-    let out = host.h.rbd_ok(&[
-        "trash",
-        "ls",
-        "--all",
-        "--long",
-        "--format",
-        "json",
-        &host.h.ceph_pool,
-    ]);
-    serde_json::from_str::<Value>(&out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["name"] == name)
-        .cloned()
-        .collect()
-}
-
 /// The instant a stage is listed at in `status` (its deletion timeline).
 fn stage_at(host: &Host, vm: &str, stage: &str) -> DateTime<Utc> {
     let s = host.vm_status(vm);
@@ -103,7 +82,7 @@ fn late_stages_keep_their_spacing_and_only_the_own_trashed_image_goes() {
     let s = Schedule::new(Berlin, d);
     let h = support::harness();
     // Someone's older image of the same name sits in the trash, deferred far ahead.
-    for e in trash_long_h(h, vm) {
+    for e in h.trash_entries(vm) {
         h.rbd(&[
             "trash",
             "rm",
@@ -119,7 +98,7 @@ fn late_stages_keep_their_spacing_and_only_the_own_trashed_image_goes() {
         "2099-01-01",
         &h.image_spec(vm),
     ]);
-    let decoy = trash_long_h(h, vm)[0]["id"].as_str().unwrap().to_owned();
+    let decoy = h.trash_entries(vm)[0]["id"].as_str().unwrap().to_owned();
 
     let mut host = Host::new("ds-late", &[(vm, json!({}))]);
     host.start_daemon();
@@ -182,7 +161,9 @@ fn late_stages_keep_their_spacing_and_only_the_own_trashed_image_goes() {
     host.clock_synced(true);
     host.run_due(&iso(purge + TimeDelta::minutes(1)));
     assert_eq!(host.stage_done(vm, "purge").len(), 1);
-    let trashed: Vec<Value> = trash_long(&host, vm)
+    let trashed: Vec<Value> = host
+        .h
+        .trash_entries(vm)
         .into_iter()
         .filter(|e| e["id"] != decoy.as_str())
         .collect();
@@ -199,7 +180,8 @@ fn late_stages_keep_their_spacing_and_only_the_own_trashed_image_goes() {
     host.h
         .rbd(&["trash", "purge", "--no-progress", &host.h.ceph_pool]);
     assert!(
-        trash_long(&host, vm)
+        host.h
+            .trash_entries(vm)
             .iter()
             .any(|e| e["id"] == ours.as_str()),
         "rbd trash purge took the deferred image"
@@ -220,7 +202,9 @@ fn late_stages_keep_their_spacing_and_only_the_own_trashed_image_goes() {
     let backups = stage_at(&host, vm, "delete-backups");
     host.run_due(&iso(backups + TimeDelta::minutes(1)));
     assert_eq!(host.stage_done(vm, "delete-backups").len(), 1);
-    let left: Vec<String> = trash_long(&host, vm)
+    let left: Vec<String> = host
+        .h
+        .trash_entries(vm)
         .iter()
         .map(|e| e["id"].as_str().unwrap().to_owned())
         .collect();
@@ -256,26 +240,6 @@ fn late_stages_keep_their_spacing_and_only_the_own_trashed_image_goes() {
         "--force",
         &format!("{}/{decoy}", h.ceph_pool),
     ]);
-}
-
-fn trash_long_h(h: &support::Harness, name: &str) -> Vec<Value> {
-    let out = h.rbd_ok(&[
-        "trash",
-        "ls",
-        "--all",
-        "--long",
-        "--format",
-        "json",
-        &h.ceph_pool,
-    ]);
-    serde_json::from_str::<Value>(&out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["name"] == name)
-        .cloned()
-        .collect()
 }
 
 #[test]

@@ -507,20 +507,9 @@ impl Host {
 
     /// Ids of the images named `name` in the pool's trash.
     pub fn trash(&self, name: &str) -> Vec<String> {
-        let out = self.h.rbd_ok(&[
-            "trash",
-            "ls",
-            "--all",
-            "--format",
-            "json",
-            &self.h.ceph_pool,
-        ]);
-        serde_json::from_str::<Value>(&out)
-            .unwrap()
-            .as_array()
-            .unwrap()
+        self.h
+            .trash_entries(name)
             .iter()
-            .filter(|e| e["name"] == name)
             .map(|e| e["id"].as_str().unwrap().to_owned())
             .collect()
     }

@@ -188,6 +188,21 @@ impl Harness {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `rbd trash ls --all --long` entries of the images named `name` in the harness pool:
+    /// id, deferment (`status`), ...
+    pub fn trash_entries(&self, name: &str) -> Vec<serde_json::Value> {
+        let pool = self.ceph_pool.clone();
+        let out = self.rbd_ok(&["trash", "ls", "--all", "--long", "--format", "json", &pool]);
+        serde_json::from_str::<serde_json::Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"] == name)
+            .cloned()
+            .collect()
+    }
+
     /// Creates RBD image `name` of `bytes` bytes in the harness pool.
     pub fn create_image(&self, name: &str, bytes: u64) {
         self.rbd_ok(&[
