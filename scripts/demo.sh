@@ -5,8 +5,11 @@
 #
 # What it shows: the configuration check, the next maintenance windows, the plan; then the
 # vmkeeper daemon running both VMs as QEMU units of the harness systemd on their RBD disks,
-# a live disk grow seen by the guest, a refused shrink, a CPU change pending with its
-# announced Berlin slot and timer, a deletion timeline, and a VM's story in the journal.
+# a live disk grow seen by the guest, a refused shrink, QEMU unprivileged and sandboxed, the
+# Prometheus metrics, a guest's own reboot raising an alarm, a kill -9 of the daemon that the
+# VMs survive, a foreign RBD image refused until adopted, a CPU change of a VM of another
+# project pending with its slot in that project's New York window, a deletion timeline, and
+# a VM's story in the journal.
 #
 # Inside an existing harness (VMKEEPER_HARNESS_DIR set, e.g. `harness/run.sh scripts/demo.sh`)
 # it skips installing and uses that harness.
@@ -119,7 +122,74 @@ rbd --conf "$CEPH_CONF" --id "$VMKEEPER_CEPH_CLIENT" info "$VMKEEPER_CEPH_POOL/d
 setvm demo-web diskGiB 35
 hup
 
-step "A CPU change waits for an announced maintenance slot (Europe/Berlin, 24 h ahead)"
+step "QEMU runs unprivileged in a sandbox (the VM unit's /proc status and systemd-analyze)"
+# shellcheck disable=SC2086
+pid=$($VMKEEPER_NSENTER systemctl show -p MainPID --value vmkeeper-vm-demo-web.service)
+# shellcheck disable=SC2086
+$VMKEEPER_NSENTER grep -E '^(Uid|CapEff|NoNewPrivs|Seccomp):' "/proc/$pid/status" | sed 's/^/  /'
+# shellcheck disable=SC2086
+$VMKEEPER_NSENTER systemd-analyze security --no-pager vmkeeper-vm-demo-web.service | tail -n 1 | sed 's/^/  /'
+ls -l "$DEMO/run/vms/demo-web" | sed 's/^/  /'
+
+step "A guest that reboots itself raises an alarm (unplanned), the VM is still supervised"
+python3 - "$DEMO/run/vms/demo-web/serial.sock" << 'PY'
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(b"reboot\n")
+PY
+for _ in $(seq 1 150); do
+  "$BIN" status --config "$CONFIG" --json | grep -q guest-reset && break
+  sleep 0.2
+done
+jour VM=demo-web MESSAGE_ID=5a9f1f2c90ee4c2fb7905d1dd0033ad3 | tail -n 1 | sed 's/^/  journal: /'
+"$BIN" status --config "$CONFIG" --json | python3 -c 'import json,sys
+v = [x for x in json.load(sys.stdin)["vms"] if x["name"] == "demo-web"][0]
+print("  lastUnplanned:", json.dumps(v.get("lastUnplanned")))'
+
+step "Prometheus metrics on 127.0.0.1:9848 (metrics.listen): the reboot counted as unplanned"
+python3 - << 'PY'
+import urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:9848/metrics", timeout=5).read().decode()
+keep = ("vmkeeper_vm_running", "vmkeeper_vm_disk_bytes", "vmkeeper_vm_qmp_connected",
+        "vmkeeper_vm_unplanned_events_total")
+for line in text.splitlines():
+    # Of the per-kind counters, only those that counted something.
+    if line.startswith(keep) and not ("_total{" in line and line.endswith(" 0")):
+        print("  " + line)
+PY
+
+step "kill -9 of the daemon: the VMs keep running, the restart adopts them (same QEMU instances)"
+before=$("$BIN" status --config "$CONFIG" --json | python3 -c 'import json,sys; print(" ".join(v["name"]+"="+str(v.get("instance")) for v in json.load(sys.stdin)["vms"]))')
+# shellcheck disable=SC2086
+run $VMKEEPER_NSENTER systemctl kill -s KILL vmkeeper-demo.service
+sleep 1
+# shellcheck disable=SC2086
+$VMKEEPER_NSENTER systemctl reset-failed vmkeeper-demo.service 2> /dev/null || true
+# shellcheck disable=SC2086
+run $VMKEEPER_NSENTER systemd-run --quiet --unit=vmkeeper-demo.service --property=Type=notify \
+  "$(readlink -f "$BIN")" daemon --config "$CONFIG"
+after=$("$BIN" status --config "$CONFIG" --json | python3 -c 'import json,sys; print(" ".join(v["name"]+"="+str(v.get("instance")) for v in json.load(sys.stdin)["vms"]))')
+echo "  before: $before"
+echo "  after:  $after"
+
+step "An RBD image vmkeeper did not make is never attached: declare demo-new over a foreign image"
+rbd --conf "$CEPH_CONF" --id "$VMKEEPER_CEPH_CLIENT" create --size 30G "$VMKEEPER_CEPH_POOL/demo-new"
+python3 - "$CONFIG" << 'PY'
+import json, sys
+cfg = json.load(open(sys.argv[1]))
+cfg["vms"]["demo-new"] = dict(cfg["vms"]["demo-web"], diskGiB=30)
+cfg["vms"]["demo-new"].pop("project", None)
+json.dump(cfg, open(sys.argv[1], "w"), indent=2)
+PY
+hup
+sleep 3
+jour VM=demo-new | grep -m 1 "not this VM's disk" | fold -s -w 100 | sed 's/^/  /'
+vmk adopt-disk demo-new --config "$CONFIG"
+wait_vmsize demo-new 30
+rbd --conf "$CEPH_CONF" --id "$VMKEEPER_CEPH_CLIENT" image-meta get "$VMKEEPER_CEPH_POOL/demo-new" vmkeeper.owner | sed 's/^/  owner: /'
+
+step "A CPU change of demo-db (project shop, America/New_York) waits for a slot in shop's window, announced 24 h ahead to shop's contacts"
 setvm demo-db cores 4
 hup
 sleep 2
@@ -142,6 +212,6 @@ jour VM=demo-db
 
 step "Stopping: the daemon, then the VMs"
 # shellcheck disable=SC2086
-run $VMKEEPER_NSENTER systemctl stop vmkeeper-demo.service vmkeeper-vm-demo-web.service vmkeeper-vm-demo-db.service
+run $VMKEEPER_NSENTER systemctl stop vmkeeper-demo.service vmkeeper-vm-demo-web.service vmkeeper-vm-demo-db.service vmkeeper-vm-demo-new.service
 echo
 echo "demo: done; the harness is torn down next"
