@@ -515,10 +515,12 @@ fn every_deletion_stage() {
                 disk_ok,
                 format!("image {image}, {trashed} in the trash after {stage}"),
             );
-            let told = hooks(&host, "deletion")
-                .iter()
-                .filter(|e| e["action"] == format!("deletion-{stage}"))
-                .count();
+            let action = format!("deletion-{stage}");
+            let told = host
+                .wait_hooks(1, |e| {
+                    e["event"] == "deletion" && e["action"] == action.as_str()
+                })
+                .len();
             row.check("notices", told == 1, format!("{told} notices of {stage}"));
             if stage == Stage::Shutdown {
                 row.check(

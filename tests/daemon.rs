@@ -98,9 +98,8 @@ fn a_guest_reboot_and_an_outside_stop_raise_one_alarm_each() {
         .collect();
     assert_eq!(kinds, ["guest-reset", "unit-stopped"]);
     let hooks: Vec<String> = host
-        .hook_events()
+        .wait_hooks(2, |e| e["event"] == "unplanned")
         .iter()
-        .filter(|e| e["event"] == "unplanned")
         .map(|e| e["action"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(hooks, ["guest-reset", "unit-stopped"]);
@@ -231,10 +230,7 @@ fn a_changed_boot_id_is_an_unplanned_host_reboot() {
         .unwrap();
     assert_eq!(alarm["ACTION"], "host-rebooted");
     assert_eq!(
-        host.hook_events()
-            .iter()
-            .filter(|e| e["action"] == "host-rebooted")
-            .count(),
+        host.wait_hooks(1, |e| e["action"] == "host-rebooted").len(),
         1
     );
 }

@@ -340,11 +340,7 @@ fn a_cli_deletion_is_announced_shuts_down_and_a_cancel_brings_the_vm_back() {
     wait_until(Duration::from_secs(10), "timers gone", || {
         timers(&host, vm).is_empty()
     });
-    assert!(
-        host.hook_events()
-            .iter()
-            .any(|e| e["action"] == "cancel-deletion" && e["vm"] == vm)
-    );
+    host.wait_hooks(1, |e| e["action"] == "cancel-deletion" && e["vm"] == vm);
     assert_eq!(host.count(vm, UNPLANNED), 0);
 }
 
@@ -531,9 +527,8 @@ fn a_configured_deletion_runs_to_the_end_and_a_crash_in_the_purge_finishes_it_on
     );
     assert!(timers(&host, vm).is_empty());
     let hooks: Vec<String> = host
-        .hook_events()
+        .wait_hooks(6, |e| e["vm"] == vm && e["event"] == "deletion")
         .iter()
-        .filter(|e| e["vm"] == vm && e["event"] == "deletion")
         .map(|e| e["action"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(

@@ -322,12 +322,26 @@ impl Host {
             .count()
     }
 
+    /// The events the hook has taken so far, in order. A line the hook is still writing
+    /// (no newline yet) is not one yet.
     pub fn hook_events(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.dir.join("hook.log"))
-            .unwrap_or_default()
+        let log = std::fs::read_to_string(self.dir.join("hook.log")).unwrap_or_default();
+        let complete = log.rfind('\n').map_or("", |end| &log[..end]);
+        complete
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+
+    /// Waits until the hook has taken at least `n` events that `pred` selects and returns
+    /// them: the hook runs after the state and the journal show what it is told, so a test
+    /// that saw the journal entry must still wait for the hook.
+    pub fn wait_hooks(&self, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let selected = || -> Vec<Value> { self.hook_events().into_iter().filter(&pred).collect() };
+        wait_until(Duration::from_secs(30), &format!("{n} hook events"), || {
+            selected().len() >= n
+        });
+        selected()
     }
 
     pub fn sectors(gib: u64) -> u64 {
