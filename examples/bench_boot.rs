@@ -52,9 +52,11 @@ impl Bench {
             "stateDir": self.dir.join("state"),
             "runtimeDir": self.dir.join("run"),
             "ceph": { "conf": env("CEPH_CONF"), "pool": env("VMKEEPER_CEPH_POOL"),
-                      "clientId": env("VMKEEPER_CEPH_CLIENT") },
+                      "clientId": env("VMKEEPER_CEPH_CLIENT"),
+                      "qemuClientId": env("VMKEEPER_CEPH_QEMU_CLIENT"),
+                      "qemuKeyFile": env("VMKEEPER_CEPH_QEMU_KEY") },
             "qemu": { "accel": env("VMKEEPER_QEMU_ACCEL"), "stopTimeout": "5s",
-                      "maxConcurrentStarts": bound },
+                      "user": env("VMKEEPER_QEMU_USER"), "maxConcurrentStarts": bound },
             "vms": vms,
         });
         let path = self.dir.join("config.json");
@@ -133,7 +135,19 @@ impl Bench {
         self.start_daemon(&config);
         let n = self.names.len();
         let mut marks = [None, None, None];
+        let mut shown = Duration::ZERO;
         while marks.iter().any(Option::is_none) {
+            // Progress, so a slow run shows where it stands rather than hanging silently.
+            if t.elapsed() >= shown + Duration::from_secs(10) {
+                shown = t.elapsed();
+                eprintln!(
+                    "  {:>5.0} s: {} active, {} QMP connected, {} booted of {n}",
+                    shown.as_secs_f64(),
+                    self.active(),
+                    self.connected(rt),
+                    self.booted(0)
+                );
+            }
             assert!(
                 t.elapsed() < Duration::from_secs(900),
                 "host start too slow"

@@ -180,8 +180,10 @@ async fn through_daemon(s: &Setup, dir: &Path, n: usize) -> Vec<Duration> {
         let c = serde_json::json!({
             "stateDir": dir.join("state"),
             "runtimeDir": dir.join("run"),
-            "ceph": { "conf": s.conf, "pool": s.pool, "clientId": s.client },
-            "qemu": { "accel": s.accel, "stopTimeout": "10s" },
+            "ceph": { "conf": s.conf, "pool": s.pool, "clientId": s.client,
+                      "qemuClientId": env("VMKEEPER_CEPH_QEMU_CLIENT"),
+                      "qemuKeyFile": env("VMKEEPER_CEPH_QEMU_KEY") },
+            "qemu": { "accel": s.accel, "stopTimeout": "10s", "user": env("VMKEEPER_QEMU_USER") },
             "vms": { vm.clone(): {
                 "cores": 1, "memoryMiB": 1024, "diskGiB": disk,
                 "boot": { "kernel": s.kernel, "initrd": s.initrd, "append": "console=ttyS0 quiet" }
