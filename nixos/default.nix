@@ -98,6 +98,7 @@ let
         stopTimeout
         extraArgs
         user
+        maxConcurrentStarts
         ;
     };
     metrics = if cfg.metrics.listen == null then null else { inherit (cfg.metrics) listen; };

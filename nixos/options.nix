@@ -562,6 +562,14 @@ in
         default = [ ];
         description = "Arguments appended to every QEMU command line.";
       };
+      maxConcurrentStarts = mkOption {
+        type = types.ints.between 1 1000;
+        default = 4;
+        description = ''
+          How many QEMUs may be starting at once on this host: a host that boots with many VMs
+          starts them a few at a time, each holding its slot until its QEMU answers QMP.
+        '';
+      };
       user = mkOption {
         type = types.strMatching "[a-z_][a-z0-9_-]*";
         default = "vmkeeper-qemu";

@@ -75,6 +75,7 @@ let
       stopTimeout = "60s";
       extraArgs = [ ];
       user = "vmkeeper-qemu";
+      maxConcurrentStarts = 4;
     };
     removal = {
       maxAtOnce = 3;
