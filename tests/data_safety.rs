@@ -13,19 +13,11 @@ mod support;
 
 use std::time::Duration;
 
-use chrono::{DateTime, Days, NaiveDate, TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use chrono_tz::Europe::Berlin;
 use serde_json::{Value, json};
 use support::host::*;
 use vmkeeper::deletion::{Schedule, Stage};
-
-fn deletion_date() -> NaiveDate {
-    Utc::now()
-        .with_timezone(&Berlin)
-        .date_naive()
-        .checked_add_days(Days::new(10))
-        .unwrap()
-}
 
 fn iso(t: DateTime<Utc>) -> String {
     t.to_rfc3339()

@@ -9,7 +9,7 @@ mod support;
 use std::process::Output;
 use std::time::Duration;
 
-use chrono::{DateTime, Days, NaiveDate, TimeDelta, Utc};
+use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use chrono_tz::Europe::Berlin;
 use serde_json::{Value, json};
 use support::host::*;
@@ -21,12 +21,6 @@ const AUDIT: &str = "21690075974949ab8ad5f5b8fd76af2b";
 /// Today in the configuration's zone (the default, Europe/Berlin).
 fn today() -> NaiveDate {
     Utc::now().with_timezone(&Berlin).date_naive()
-}
-
-/// A deletion date far enough ahead that a request made now is valid and no real timer fires
-/// during the test.
-fn deletion_date() -> NaiveDate {
-    today().checked_add_days(Days::new(10)).unwrap()
 }
 
 /// One minute after a stage is due.

@@ -9,7 +9,7 @@ mod support;
 
 use std::time::Duration;
 
-use chrono::{DateTime, Days, NaiveDate, TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use chrono_tz::Europe::Berlin;
 use serde_json::{Value, json};
 use support::host::*;
@@ -35,15 +35,6 @@ fn instant(v: &Value) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(v.as_str().unwrap_or_else(|| panic!("not a time: {v}")))
         .unwrap()
         .with_timezone(&Utc)
-}
-
-/// A deletion date far enough ahead that no real timer fires during the test.
-fn deletion_date() -> NaiveDate {
-    Utc::now()
-        .with_timezone(&Berlin)
-        .date_naive()
-        .checked_add_days(Days::new(10))
-        .unwrap()
 }
 
 fn live(silences: &[Value]) -> Vec<Value> {

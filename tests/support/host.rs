@@ -10,6 +10,16 @@ use serde_json::{Value, json};
 
 use super::{Harness, harness};
 
+/// A deletion date far enough ahead (ten days, Berlin) that a request made now is valid and
+/// no real timer fires during a test.
+pub fn deletion_date() -> chrono::NaiveDate {
+    chrono::Utc::now()
+        .with_timezone(&chrono_tz::Europe::Berlin)
+        .date_naive()
+        .checked_add_days(chrono::Days::new(10))
+        .unwrap()
+}
+
 /// Upper bound for a TCG guest to boot on a loaded 2-core machine.
 pub const BOOT: Duration = Duration::from_secs(90);
 pub const UNPLANNED: &str = "5a9f1f2c90ee4c2fb7905d1dd0033ad3";
