@@ -780,13 +780,7 @@ impl<'a> Planner<'a> {
     /// removed at once than the guard allows: then only those confirmed are, and the others
     /// wait for a confirmation.
     fn removed(&mut self) {
-        let removed: Vec<VmName> = self
-            .state
-            .vms
-            .keys()
-            .filter(|n| !self.config.vms.contains_key(*n) && !self.state.deletions.contains_key(*n))
-            .cloned()
-            .collect();
+        let removed = undeclared_vms(self.config, self.state);
         // Removals not held yet came with this change; too many of them are held, and stay
         // held (also when some are confirmed and fewer are left) until each is confirmed.
         let new: Vec<VmName> = removed
@@ -950,3 +944,26 @@ pub fn slot_in(tz: Tz, start: DateTime<Utc>, end: DateTime<Utc>) -> Window {
 
 #[cfg(test)]
 mod tests;
+
+/// VMs that exist but are no longer declared and are not being deleted.
+fn undeclared_vms(config: &Config, state: &State) -> Vec<VmName> {
+    state
+        .vms
+        .keys()
+        .filter(|n| !config.vms.contains_key(*n) && !state.deletions.contains_key(*n))
+        .cloned()
+        .collect()
+}
+
+/// Held removals that no longer wait for a confirmation: the VM was declared again, its
+/// deletion was scheduled, or it is gone. The daemon forgets them (and their confirmations)
+/// before it plans.
+pub fn released_removal_holds(config: &Config, state: &State) -> Vec<VmName> {
+    let removed = undeclared_vms(config, state);
+    state
+        .removal_held
+        .iter()
+        .filter(|n| !removed.contains(n))
+        .cloned()
+        .collect()
+}

@@ -200,8 +200,6 @@ pub(super) struct Daemon {
     pub silence_creator: String,
     /// This host's name, for owner records.
     pub hostname: String,
-    /// Whether the clock was known to be synchronized at the last pass.
-    pub clock_synced: bool,
     /// The wall clock and the monotonic clock at the last pass, to notice a jump.
     clocks: (DateTime<Utc>, Instant),
     /// The wall clock jumped forward by this much before this pass.
@@ -282,7 +280,6 @@ impl Daemon {
             silences_tx: ch.silences_tx,
             silence_creator: format!("vmkeeper on {hostname}"),
             hostname,
-            clock_synced: true,
             clocks: (Utc::now(), Instant::now()),
             clock_jump: None,
             announced_holds: BTreeSet::new(),
@@ -879,19 +876,7 @@ impl Daemon {
     fn pass_at(&mut self, now: DateTime<Utc>) -> Vec<u64> {
         self.sync_projects();
         let observed = self.observed();
-        // Held removals that were declared again, or are being deleted now, are no longer held.
-        let (config, state) = (&self.config, &self.state);
-        let stale: Vec<VmName> = state
-            .removal_held
-            .iter()
-            .filter(|n| {
-                config.vms.contains_key(*n)
-                    || state.deletions.contains_key(*n)
-                    || !state.vms.contains_key(*n)
-            })
-            .cloned()
-            .collect();
-        for n in stale {
+        for n in plan::released_removal_holds(&self.config, &self.state) {
             self.state.removal_held.remove(&n);
             self.state.confirmed_removals.remove(&n);
             self.changed();
@@ -916,19 +901,19 @@ impl Daemon {
 
     /// The world as the supervisors see it, for the planner.
     fn observed(&mut self) -> Observed {
-        if self.config.clock.require_sync {
-            // One stat of a file on /run (tmpfs), so the answer is as fresh as the pass.
-            self.clock_synced = crate::exec::clock::synchronized(&self.config.clock.synced_flag);
-        }
+        let clock = &self.config.clock;
         let clock_untrusted = match self.clock_jump {
             Some(j) => Some(format!(
                 "the wall clock just jumped forward by {} s",
                 j.num_seconds()
             )),
-            None if self.config.clock.require_sync && !self.clock_synced => Some(format!(
-                "the clock is not known to be synchronized (neither {} nor the kernel says so)",
-                self.config.clock.synced_flag.display()
-            )),
+            // One stat of a file on /run (tmpfs) a pass, so the answer is as fresh as the pass.
+            None if clock.require_sync && !crate::exec::clock::synchronized(&clock.synced_flag) => {
+                Some(format!(
+                    "the clock is not known to be synchronized ({} does not exist)",
+                    clock.synced_flag.display()
+                ))
+            }
             None => None,
         };
         let mut observed = Observed {

@@ -440,6 +440,53 @@ fn removing_a_vm_schedules_its_deletion_loudly_and_declaring_it_again_cancels() 
 }
 
 #[test]
+fn a_mass_removal_is_held_until_each_is_confirmed_and_released_when_it_no_longer_waits() {
+    let names = ["r1", "r2", "r3", "r4"];
+    let mut s = State::default();
+    for name in names {
+        running(&mut s, name, res(1, 1024, 30));
+    }
+    // Four removed at once, one more than the default guard of three: all held, none deleted.
+    let c = config(json!({}));
+    let p = plan(&c, &Observed::as_recorded(&s), &s, t(NOW));
+    let all: Vec<VmName> = names.iter().map(|x| n(x)).collect();
+    assert_eq!(p.actions, [Action::HoldRemovals { vms: all.clone() }]);
+    assert_eq!(p.awaiting_removal, all);
+    s.removal_held.extend(all.clone());
+
+    // Two confirmed: those two are scheduled; the other two stay held although two are
+    // within the guard, because they came together.
+    s.confirmed_removals.extend([n("r1"), n("r2")]);
+    let p = plan(&c, &Observed::as_recorded(&s), &s, t(NOW));
+    let scheduled: Vec<&VmName> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ScheduleDeletion { vm, .. } => Some(vm),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(scheduled, [&n("r1"), &n("r2")]);
+    assert!(
+        !p.actions
+            .iter()
+            .any(|a| matches!(a, Action::HoldRemovals { .. }))
+    );
+    assert_eq!(p.awaiting_removal, [n("r3"), n("r4")]);
+    assert!(
+        released_removal_holds(&c, &s).is_empty(),
+        "nothing released yet"
+    );
+
+    // Scheduled (r1), declared again (r3), gone from the state (r4): released; r2, confirmed
+    // but not scheduled yet, still waits for its deletion to be scheduled.
+    deletion(&mut s, "r1", "2026-12-01", DeletionSource::Removed, None);
+    s.vms.remove(&n("r4"));
+    let c = config(json!({ "r3": vm(1, 1024, 30) }));
+    assert_eq!(released_removal_holds(&c, &s), [n("r1"), n("r3"), n("r4")]);
+}
+
+#[test]
 fn addresses_of_a_vm_in_deletion_are_held_until_its_purge() {
     let mut s = State::default();
     running(&mut s, "old", res(2, 2048, 30));

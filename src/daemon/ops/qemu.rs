@@ -16,9 +16,9 @@ use crate::exec::tap;
 use crate::failpoint;
 use crate::model::InvocationId;
 
-/// How long QEMU gets to exit after `quit` before systemd stops the unit.
 /// How often a stop presses the power button again while the guest has not powered off.
 const REPRESS: Duration = Duration::from_secs(10);
+/// How long QEMU gets to exit after `quit` before systemd stops the unit.
 const QUIT_GRACE: Duration = Duration::from_secs(10);
 /// How long a stop waits for a QMP connection that is being re-established before it goes on
 /// without one (and so without the ACPI power button).
@@ -267,7 +267,6 @@ fn runs(state: &ActiveState) -> bool {
     )
 }
 
-/// Polls until the unit no longer runs, up to `timeout`.
 /// Waits up to `grace` for the guest to power off, pressing the power button again every
 /// `REPRESS`: a guest that is still booting (no button driver or handler yet) drops a press,
 /// and a later one is what a person at the console would do. Presses are idempotent for a
@@ -285,6 +284,7 @@ async fn press_until_off(ctx: &Ctx, q: &Qmp, unit: &str, grace: Duration) -> boo
     }
 }
 
+/// Polls until the unit no longer runs, up to `timeout`.
 async fn wait_inactive(ctx: &Ctx, unit: &str, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
