@@ -29,10 +29,6 @@ fn instant(v: &Value) -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
-fn hooks(host: &Host, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
-    host.hook_events().into_iter().filter(pred).collect()
-}
-
 /// The instant a stage is listed at in `status` (its deletion timeline).
 fn stage_at(host: &Host, vm: &str, stage: &str) -> DateTime<Utc> {
     let s = host.vm_status(vm);
@@ -122,7 +118,7 @@ fn late_stages_keep_their_spacing_and_only_the_own_trashed_image_goes() {
     wait_until(Duration::from_secs(10), "the purge timer moved", || {
         timer_elapse(&host, vm, "purge") == Some(purge.timestamp())
     });
-    let told = hooks(&host, |e| e["action"] == "deletion-shutdown");
+    let told = host.wait_hooks(1, |e| e["action"] == "deletion-shutdown");
     assert!(
         told[0]["reason"].as_str().unwrap().contains("ran late"),
         "{told:?}"

@@ -191,8 +191,15 @@ impl Harness {
     /// `rbd trash ls --all --long` entries of the images named `name` in the harness pool:
     /// id, deferment (`status`), ...
     pub fn trash_entries(&self, name: &str) -> Vec<serde_json::Value> {
-        let pool = self.ceph_pool.clone();
-        let out = self.rbd_ok(&["trash", "ls", "--all", "--long", "--format", "json", &pool]);
+        let out = self.rbd_ok(&[
+            "trash",
+            "ls",
+            "--all",
+            "--long",
+            "--format",
+            "json",
+            &self.ceph_pool,
+        ]);
         serde_json::from_str::<serde_json::Value>(&out)
             .unwrap()
             .as_array()
